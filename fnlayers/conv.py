@@ -1,0 +1,393 @@
+"""Convolution as im2col followed by one matrix product (CAFFE_SEMANTICS.md §1, §2).
+
+Layouts: activations NHWC, weights HWIO ``(KH, KW, C_in // groups, C_out)``. The column matrix
+of :func:`im2col` is ``(N, OH, OW, KH*KW*C)`` with columns ordered ``(kh, kw, c)``, so for
+``groups=1``::
+
+    conv2d(x, w) == im2col(x, w.shape[:2], ...) @ w.reshape(-1, C_out)
+
+``im2col`` and ``col2im`` are registered as a pair of linear JAX primitives, each the transpose
+of the other. Autodiff of ``conv2d`` therefore gives the backward pass the design asks for: two
+matrix products (``dW = colsᵀ·dY``, ``dcols = dY·Wᵀ``) and one ``col2im``, never autodiff of
+the slices that build the columns; forward mode, higher orders, ``jit`` and ``vmap`` all work.
+``impl="xla"`` computes the same convolution with ``lax.conv_general_dilated``, the baseline
+every benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from fnlayers._checks import as_pair, check_choice, check_float_array, check_rank, check_same_dtype
+
+__all__ = [
+    "IMPLS",
+    "col2im",
+    "conv2d",
+    "conv_output_shape",
+    "conv_output_size",
+    "conv_transpose2d",
+    "conv_transpose_output_shape",
+    "im2col",
+]
+
+IMPLS = ("im2col", "xla")
+
+
+def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, impl="im2col"):
+    """Caffe's Convolution (cross-correlation, no kernel flip), NHWC.
+
+    Args:
+      x: ``(N, H, W, C_in)`` floating array.
+      w: ``(KH, KW, C_in // groups, C_out)`` of the same dtype as ``x``.
+      b: optional ``(C_out,)`` bias.
+      stride, padding, dilation: int or ``(h, w)`` pair; stride, dilation >= 1, padding >= 0
+        (zero padding on both sides, as Caffe's ``pad``).
+      groups: input and output channels are split into ``groups`` blocks; output block g sees
+        input block g only. Must divide C_in and C_out.
+      impl: ``"im2col"`` (columns then one matrix product per group) or ``"xla"``
+        (``lax.conv_general_dilated``).
+
+    Returns:
+      ``(N, OH, OW, C_out)`` in ``x.dtype`` with ``OH = (H + 2*pad_h - (dilation_h*(KH-1)+1))
+      // stride_h + 1`` (Caffe's rule) and likewise for OW. Products accumulate in float32 for
+      lower-precision inputs.
+    """
+    fn = "conv2d"
+    check_choice(impl, IMPLS, fn=fn, name="impl")
+    _check_arrays(x, w, b, fn)
+    out_shape = conv_output_shape(
+        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, fn=fn
+    )
+    kernel = w.shape[:2]
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    if impl == "xla":
+        y = lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=stride,
+            padding=[(padding[0], padding[0]), (padding[1], padding[1])],
+            rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+            preferred_element_type=_acc_dtype(x.dtype),
+        ).astype(x.dtype)
+    else:
+        cols = _im2col(x, kernel, stride, padding, dilation)
+        y = _cols_times_weight(cols, w, groups)
+    if y.shape[1:] != out_shape[1:]:  # pragma: no cover - guards the shape rule itself
+        raise RuntimeError(f"conv2d: computed {y.shape}, expected {out_shape}")
+    return _add_bias(y, b, fn)
+
+
+def conv_transpose2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1):
+    """Caffe's Deconvolution: the transpose (adjoint) of :func:`conv2d` with the same weight.
+
+    Args:
+      x: ``(N, H, W, C_in)``.
+      w: ``(KH, KW, C_out // groups, C_in)``: the weight of the convolution that maps
+        ``C_out`` channels to ``C_in``. Caffe's deconv blob ``(C_in, C_out/G, kh, kw)`` maps here
+        by ``transpose(2, 3, 1, 0)``.
+      b: optional ``(C_out,)`` bias.
+      stride, padding, dilation, groups: as for the convolution being transposed; ``groups``
+        must divide C_in (and C_out = ``w.shape[2] * groups``).
+
+    Returns:
+      ``(N, OH, OW, C_out)`` with ``OH = stride*(H-1) + dilation*(KH-1) + 1 - 2*pad`` (Caffe,
+      no output padding). Computed as ``col2im(x @ Wᵀ)``: each input pixel scatters a weighted
+      copy of the kernel, and whatever lands in the padding is dropped.
+    """
+    fn = "conv_transpose2d"
+    _check_arrays(x, w, b, fn)
+    out_shape = conv_transpose_output_shape(
+        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, fn=fn
+    )
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    kh, kw, c_out_g, c_in = w.shape
+    n, h, wd = x.shape[:3]
+    xg = x.reshape(n, h, wd, groups, c_in // groups)
+    wg = w.reshape(kh * kw, c_out_g, groups, c_in // groups)
+    cols = jnp.einsum("nhwgm,kcgm->nhwkgc", xg, wg, preferred_element_type=_acc_dtype(x.dtype))
+    cols = cols.astype(x.dtype).reshape(n, h, wd, kh * kw * c_out_g * groups)
+    y = _col2im(cols, out_shape[1:3], (kh, kw), stride, padding, dilation)
+    return _add_bias(y, b, fn)
+
+
+def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
+    """The column matrix of Caffe's ``im2col_cpu``, NHWC.
+
+    Args:
+      x: ``(N, H, W, C)``.
+      kernel_size, stride, padding, dilation: int or ``(h, w)``.
+
+    Returns:
+      ``(N, OH, OW, KH*KW*C)``: ``cols[n, oh, ow, (i*KW + j)*C + c] = x[n, oh*s_h - p_h + i*d_h,
+      ow*s_w - p_w + j*d_w, c]``, zero outside the image. Caffe orders rows ``(c, kh, kw)``;
+      this order ``(kh, kw, c)`` differs by a reshape of the weight only.
+    """
+    fn = "im2col"
+    check_rank(x.shape, 4, fn=fn, name="x", layout="NHWC")
+    kernel = as_pair(kernel_size, fn=fn, name="kernel_size", minimum=1)
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    conv_output_size(x.shape[1:3], kernel, stride, padding, dilation, fn=fn)
+    return _im2col(x, kernel, stride, padding, dilation)
+
+
+def col2im(cols, image_size, kernel_size, *, stride=1, padding=0, dilation=1):
+    """The exact adjoint of :func:`im2col` (Caffe's ``col2im_cpu``): scatter-adds every column
+    entry back to the pixel it was read from; entries that came from the padding are dropped.
+
+    Args:
+      cols: ``(N, OH, OW, KH*KW*C)``.
+      image_size: ``(H, W)`` of the image the columns were taken from.
+      kernel_size, stride, padding, dilation: as given to :func:`im2col`.
+
+    Returns:
+      ``(N, H, W, C)`` such that ``<im2col(x), cols> == <x, col2im(cols)>``.
+    """
+    fn = "col2im"
+    check_rank(cols.shape, 4, fn=fn, name="cols", layout="N, OH, OW, KH*KW*C")
+    kernel = as_pair(kernel_size, fn=fn, name="kernel_size", minimum=1)
+    image = as_pair(image_size, fn=fn, name="image_size", minimum=1)
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    oh, ow = conv_output_size(image, kernel, stride, padding, dilation, fn=fn)
+    kk = kernel[0] * kernel[1]
+    if cols.shape[1:3] != (oh, ow) or cols.shape[3] % kk:
+        raise ValueError(
+            f"col2im: cols shape {cols.shape} does not fit image_size={image} with "
+            f"kernel_size={kernel}: expected (N, {oh}, {ow}, {kernel[0]}*{kernel[1]}*C)"
+        )
+    return _col2im(cols, image, kernel, stride, padding, dilation)
+
+
+def conv_output_size(image_size, kernel_size, stride=1, padding=0, dilation=1, *, fn="conv"):
+    """Caffe's convolution output size ``(OH, OW)`` for an ``(H, W)`` image (§1).
+
+    Raises ValueError when the dilated kernel is larger than the padded input.
+    """
+    image = as_pair(image_size, fn=fn, name="image_size", minimum=1)
+    kernel = as_pair(kernel_size, fn=fn, name="kernel_size", minimum=1)
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    out = []
+    for axis, (i, k, s, p, d) in enumerate(zip(image, kernel, stride, padding, dilation, strict=True)):
+        extent = d * (k - 1) + 1
+        if extent > i + 2 * p:
+            what = "height" if axis == 0 else "width"
+            raise ValueError(
+                f"{fn}: kernel {what} {k} (dilation {d}, extent {extent}) is larger than the "
+                f"padded input {what} {i} + 2*{p} = {i + 2 * p}"
+            )
+        out.append((i + 2 * p - extent) // s + 1)
+    return tuple(out)
+
+
+def conv_output_shape(
+    x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1, fn="conv2d"
+) -> tuple[int, ...]:
+    """Output shape of :func:`conv2d` from shapes alone; validates them.
+
+    Args:
+      x_shape: ``(N, H, W, C_in)``; N may be -1.
+      w_shape: ``(KH, KW, C_in // groups, C_out)``.
+
+    Returns:
+      ``(N, OH, OW, C_out)``.
+    """
+    check_rank(x_shape, 4, fn=fn, name="x", layout="NHWC")
+    check_rank(w_shape, 4, fn=fn, name="w", layout="HWIO: KH, KW, C_in // groups, C_out")
+    _check_groups(groups, fn)
+    c_in, (kh, kw, w_in, c_out) = x_shape[3], w_shape
+    if c_in % groups:
+        raise ValueError(f"{fn}: groups={groups} does not divide C_in={c_in}")
+    if c_out % groups:
+        raise ValueError(f"{fn}: groups={groups} does not divide C_out={c_out}")
+    if w_in * groups != c_in:
+        raise ValueError(
+            f"{fn}: w has {w_in} input channels per group but x has C_in={c_in} with "
+            f"groups={groups} (expected w.shape[2] == {c_in // groups})"
+        )
+    oh, ow = conv_output_size(x_shape[1:3], (kh, kw), stride, padding, dilation, fn=fn)
+    return (x_shape[0], oh, ow, c_out)
+
+
+def conv_transpose_output_shape(
+    x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1, fn="conv_transpose2d"
+) -> tuple[int, ...]:
+    """Output shape of :func:`conv_transpose2d` from shapes alone; validates them.
+
+    Args:
+      x_shape: ``(N, H, W, C_in)``; N may be -1.
+      w_shape: ``(KH, KW, C_out // groups, C_in)``.
+
+    Returns:
+      ``(N, stride*(H-1) + dilation*(KH-1) + 1 - 2*pad, ..., C_out)``.
+    """
+    check_rank(x_shape, 4, fn=fn, name="x", layout="NHWC")
+    check_rank(w_shape, 4, fn=fn, name="w", layout="KH, KW, C_out // groups, C_in")
+    _check_groups(groups, fn)
+    kh, kw, c_out_g, w_in = w_shape
+    c_in = x_shape[3]
+    if w_in != c_in:
+        raise ValueError(f"{fn}: w.shape[3]={w_in} must equal the C_in={c_in} of x")
+    if c_in % groups:
+        raise ValueError(f"{fn}: groups={groups} does not divide C_in={c_in}")
+    stride, padding, dilation = _pairs(stride, padding, dilation, fn)
+    out = []
+    for i, k, s, p, d in zip(x_shape[1:3], (kh, kw), stride, padding, dilation, strict=True):
+        size = s * (i - 1) + d * (k - 1) + 1 - 2 * p
+        if size < 1:
+            raise ValueError(
+                f"{fn}: padding={p} crops the whole output (size {size}) for input size {i}, "
+                f"kernel {k}, stride {s}, dilation {d}"
+            )
+        out.append(size)
+    return (x_shape[0], out[0], out[1], c_out_g * groups)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _pairs(stride, padding, dilation, fn):
+    return (
+        as_pair(stride, fn=fn, name="stride", minimum=1),
+        as_pair(padding, fn=fn, name="padding", minimum=0),
+        as_pair(dilation, fn=fn, name="dilation", minimum=1),
+    )
+
+
+def _check_groups(groups, fn):
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{fn}: groups={groups!r} must be a positive int")
+
+
+def _check_arrays(x, w, b, fn):
+    check_float_array(x, fn=fn, name="x")
+    check_same_dtype(x, w, fn=fn, names=("x", "w"))
+    if b is not None:
+        check_same_dtype(x, b, fn=fn, names=("x", "b"))
+
+
+def _acc_dtype(dtype):
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _add_bias(y, b, fn):
+    if b is None:
+        return y
+    if b.shape != (y.shape[-1],):
+        raise ValueError(f"{fn}: b has shape {b.shape}, expected (C_out,) = ({y.shape[-1]},)")
+    return y + b.reshape(1, 1, 1, -1)
+
+
+def _cols_times_weight(cols, w, groups):
+    """``(N, OH, OW, KH*KW*C) x (KH, KW, C/G, O) -> (N, OH, OW, O)``, block-diagonal in groups."""
+    kh, kw, c_g, c_out = w.shape
+    acc = _acc_dtype(cols.dtype)
+    if groups == 1:
+        w2 = w.reshape(kh * kw * c_g, c_out)
+        y = lax.dot_general(cols, w2, (((3,), (0,)), ((), ())), preferred_element_type=acc)
+        return y.astype(cols.dtype)
+    n, oh, ow = cols.shape[:3]
+    cg = cols.reshape(n, oh, ow, kh * kw, groups, c_g)
+    wg = w.reshape(kh * kw, c_g, groups, c_out // groups)
+    y = jnp.einsum("nhwkgc,kcgo->nhwgo", cg, wg, preferred_element_type=acc)
+    return y.astype(cols.dtype).reshape(n, oh, ow, c_out)
+
+
+def _im2col(x, kernel, stride, padding, dilation):
+    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return x  # Caffe's is_1x1 fast path: the columns are the image itself
+    return im2col_p.bind(
+        x, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=x.shape[1:3]
+    )
+
+
+def _col2im(cols, image, kernel, stride, padding, dilation):
+    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return cols
+    return col2im_p.bind(
+        cols, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=tuple(image)
+    )
+
+
+def _offsets(kernel, dilation):
+    return [(i * dilation[0], j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1])]
+
+
+def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
+    n, h, w, c = x.shape
+    (ph, pw), (sh, sw) = padding, stride
+    oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, ph, 0), (pw, pw, 0), (0, 0, 0)))
+    pieces = [
+        lax.slice(xp, (0, h0, w0, 0), (n, h0 + (oh - 1) * sh + 1, w0 + (ow - 1) * sw + 1, c),
+                  (1, sh, sw, 1))
+        for h0, w0 in _offsets(kernel, dilation)
+    ]
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def _col2im_impl(cols, *, kernel, stride, padding, dilation, image):
+    n, oh, ow, kkc = cols.shape
+    c = kkc // (kernel[0] * kernel[1])
+    (h, w), (ph, pw), (sh, sw) = image, padding, stride
+    hp, wp = h + 2 * ph, w + 2 * pw
+    zero = jnp.zeros((), cols.dtype)
+    acc = None
+    for idx, (h0, w0) in enumerate(_offsets(kernel, dilation)):
+        piece = cols[..., idx * c:(idx + 1) * c]
+        # Places piece[oh] at row h0 + oh*sh of the padded image: low pad h0, interior sh-1.
+        config = (
+            (0, 0, 0),
+            (h0, hp - h0 - (oh - 1) * sh - 1, sh - 1),
+            (w0, wp - w0 - (ow - 1) * sw - 1, sw - 1),
+            (0, 0, 0),
+        )
+        placed = lax.pad(piece, zero, config)
+        acc = placed if acc is None else acc + placed
+    return lax.slice(acc, (0, ph, pw, 0), (n, ph + h, pw + w, c))
+
+
+def _im2col_abstract(x, *, kernel, stride, padding, dilation, image):
+    oh, ow = conv_output_size(image, kernel, stride, padding, dilation, fn="im2col")
+    return jax.core.ShapedArray((x.shape[0], oh, ow, kernel[0] * kernel[1] * x.shape[3]), x.dtype)
+
+
+def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image):
+    c = cols.shape[3] // (kernel[0] * kernel[1])
+    return jax.core.ShapedArray((cols.shape[0], *image, c), cols.dtype)
+
+
+def _batch_rule(prim):
+    """vmap over a per-example rank-4 op: fold the mapped axis into the batch axis."""
+
+    def rule(args, dims, **params):
+        (x,), (d,) = args, dims
+        x = jnp.moveaxis(x, d, 0)
+        b, n = x.shape[:2]
+        y = prim.bind(x.reshape(b * n, *x.shape[2:]), **params)
+        return y.reshape(b, n, *y.shape[1:]), 0
+
+    return rule
+
+
+def _define(name, impl, abstract):
+    prim = Primitive(name)
+    static = ("kernel", "stride", "padding", "dilation", "image")
+    prim.def_impl(functools.partial(jax.jit, static_argnames=static)(impl))
+    prim.def_abstract_eval(abstract)
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+    batching.primitive_batchers[prim] = _batch_rule(prim)
+    return prim
+
+
+im2col_p = _define("fnlayers_im2col", _im2col_impl, _im2col_abstract)
+col2im_p = _define("fnlayers_col2im", _col2im_impl, _col2im_abstract)
+ad.deflinear2(im2col_p, lambda ct, x, **params: [col2im_p.bind(ct, **params)])
+ad.deflinear2(col2im_p, lambda ct, cols, **params: [im2col_p.bind(ct, **params)])

@@ -1,0 +1,56 @@
+"""Fully connected layers: Caffe's InnerProduct (CAFFE_SEMANTICS.md §12) and flatten."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from fnlayers._checks import check_float_array, check_same_dtype
+
+__all__ = ["dense", "flatten"]
+
+
+def dense(x, w, b=None):
+    """Caffe's InnerProduct with axis=1: every axis after the first is flattened.
+
+    Args:
+      x: ``(N, d1, ..., dk)`` floating array; ``K = d1 * ... * dk``.
+      w: ``(K, C_out)``, the same dtype as ``x``. Caffe's ``(C_out, K)`` blob is ``w.T``; with
+        ``transpose: true`` Caffe stores ``(K, C_out)``, exactly this layout.
+      b: optional ``(C_out,)``.
+
+    Returns:
+      ``(N, C_out)``: ``flatten(x) @ w + b``, accumulated in float32 for lower precisions.
+    """
+    fn = "dense"
+    check_float_array(x, fn=fn, name="x")
+    check_same_dtype(x, w, fn=fn, names=("x", "w"))
+    if x.ndim < 2:
+        raise ValueError(f"dense: x must be (N, ...) with at least 2 axes, got shape {x.shape}")
+    if w.ndim != 2:
+        raise ValueError(f"dense: w must be (K, C_out), got shape {w.shape}")
+    k = math.prod(x.shape[1:])
+    if w.shape[0] != k:
+        raise ValueError(
+            f"dense: w.shape[0]={w.shape[0]} must equal K={k}, the product of x's trailing "
+            f"axes {x.shape[1:]}"
+        )
+    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
+    y = lax.dot_general(
+        flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc
+    ).astype(x.dtype)
+    if b is None:
+        return y
+    check_same_dtype(x, b, fn=fn, names=("x", "b"))
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"dense: b has shape {b.shape}, expected ({w.shape[1]},)")
+    return y + b.reshape(1, -1)
+
+
+def flatten(x):
+    """``(N, d1, ..., dk) -> (N, d1*...*dk)``, row-major (NHWC order for images)."""
+    if x.ndim < 1:
+        raise ValueError(f"flatten: x must have a batch axis, got shape {x.shape}")
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
