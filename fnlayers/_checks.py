@@ -60,7 +60,7 @@ def check_float_array(x, *, fn: str, name: str) -> None:
 
 def check_same_dtype(a, b, *, fn: str, names: tuple[str, str]) -> None:
     """Raises TypeError when two arrays have different dtypes (no silent promotion)."""
-    da, db = jnp.result_type(a), jnp.result_type(b)
+    da, db = _dtype(a), _dtype(b)
     if da != db:
         raise TypeError(
             f"{fn}: {names[0]} has dtype {da} but {names[1]} has dtype {db}; cast one of them"
@@ -71,6 +71,12 @@ def check_choice(value, choices: Sequence, *, fn: str, name: str) -> None:
     """Raises ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{fn}: {name}={value!r} must be one of {tuple(choices)!r}")
+
+
+def _dtype(x):
+    # The array's own dtype, before jax canonicalises float64 to float32 (x64 off): a float64
+    # weight next to a float32 input is a mistake worth reporting even when jax would hide it.
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
 
 
 def _is_int(v) -> bool:

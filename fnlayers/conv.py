@@ -175,7 +175,9 @@ def conv_output_size(image_size, kernel_size, stride=1, padding=0, dilation=1, *
     kernel = as_pair(kernel_size, fn=fn, name="kernel_size", minimum=1)
     stride, padding, dilation = _pairs(stride, padding, dilation, fn)
     out = []
-    for axis, (i, k, s, p, d) in enumerate(zip(image, kernel, stride, padding, dilation, strict=True)):
+    for axis, (i, k, s, p, d) in enumerate(
+        zip(image, kernel, stride, padding, dilation, strict=True)
+    ):
         extent = d * (k - 1) + 1
         if extent > i + 2 * p:
             what = "height" if axis == 0 else "width"
@@ -326,8 +328,12 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, ph, 0), (pw, pw, 0), (0, 0, 0)))
     pieces = [
-        lax.slice(xp, (0, h0, w0, 0), (n, h0 + (oh - 1) * sh + 1, w0 + (ow - 1) * sw + 1, c),
-                  (1, sh, sw, 1))
+        lax.slice(
+            xp,
+            (0, h0, w0, 0),
+            (n, h0 + (oh - 1) * sh + 1, w0 + (ow - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
         for h0, w0 in _offsets(kernel, dilation)
     ]
     return jnp.concatenate(pieces, axis=-1)
@@ -341,7 +347,7 @@ def _col2im_impl(cols, *, kernel, stride, padding, dilation, image):
     zero = jnp.zeros((), cols.dtype)
     acc = None
     for idx, (h0, w0) in enumerate(_offsets(kernel, dilation)):
-        piece = cols[..., idx * c:(idx + 1) * c]
+        piece = cols[..., idx * c : (idx + 1) * c]
         # Places piece[oh] at row h0 + oh*sh of the padded image: low pad h0, interior sh-1.
         config = (
             (0, 0, 0),

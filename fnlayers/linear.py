@@ -38,9 +38,9 @@ def dense(x, w, b=None):
             f"axes {x.shape[1:]}"
         )
     acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    y = lax.dot_general(
-        flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc
-    ).astype(x.dtype)
+    y = lax.dot_general(flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc).astype(
+        x.dtype
+    )
     if b is None:
         return y
     check_same_dtype(x, b, fn=fn, names=("x", "b"))

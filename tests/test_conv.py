@@ -1,0 +1,394 @@
+"""conv2d, conv_transpose2d, im2col, col2im against CAFFE_SEMANTICS.md §1-§2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import fnlayers as fl
+
+
+# ----------------------------------------------------------------------------- references
+def caffe_conv_loop(x, w, b, stride, pad, dil, groups):
+    """Transliteration of §1 (NCHW loops) applied to NHWC/HWIO arrays, in float64."""
+    x = np.asarray(x, np.float64).transpose(0, 3, 1, 2)  # N C H W
+    w = np.asarray(w, np.float64).transpose(3, 2, 0, 1)  # M C/G KH KW (Caffe blob)
+    n, _, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
+    oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    out = np.zeros((n, m, oh, ow))
+    mg = m // groups
+    for ni in range(n):
+        for mi in range(m):
+            g = mi // mg
+            for y in range(oh):
+                for xx in range(ow):
+                    s = 0.0
+                    for ci in range(cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                hh, ww = y * sh - ph + i * dh, xx * sw - pw + j * dw
+                                if 0 <= hh < h and 0 <= ww < wd:
+                                    s += w[mi, ci, i, j] * x[ni, g * cg + ci, hh, ww]
+                    out[ni, mi, y, xx] = s + (0.0 if b is None else b[mi])
+    return out.transpose(0, 2, 3, 1)
+
+
+def caffe_deconv_loop(x, w, b, stride, pad, dil, groups):
+    """Transliteration of §2's scatter: y[o, ih*s-p+i*d, iw*s-p+j*d] += W[c,o_local,i,j]*x[c]."""
+    x = np.asarray(x, np.float64).transpose(0, 3, 1, 2)  # N C_in H W
+    w = np.asarray(w, np.float64).transpose(3, 2, 0, 1)  # C_in, C_out/G, KH, KW (Caffe blob)
+    n, c_in, h, wd = x.shape
+    _, og, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
+    oh = sh * (h - 1) + dh * (kh - 1) + 1 - 2 * ph
+    ow = sw * (wd - 1) + dw * (kw - 1) + 1 - 2 * pw
+    out = np.zeros((n, og * groups, oh, ow))
+    cg = c_in // groups
+    for ni in range(n):
+        for c in range(c_in):
+            g = c // cg
+            for ih in range(h):
+                for iw in range(wd):
+                    for ol in range(og):
+                        for i in range(kh):
+                            for j in range(kw):
+                                yy, xx = ih * sh - ph + i * dh, iw * sw - pw + j * dw
+                                if 0 <= yy < oh and 0 <= xx < ow:
+                                    out[ni, g * og + ol, yy, xx] += (
+                                        w[c, ol, i, j] * x[ni, c, ih, iw]
+                                    )
+    if b is not None:
+        out += np.asarray(b, np.float64)[None, :, None, None]
+    return out.transpose(0, 2, 3, 1)
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+CASES = [
+    # (N, H, W, C_in, C_out, kernel, stride, pad, dilation, groups)
+    (2, 6, 6, 3, 4, 3, 1, 0, 1, 1),
+    (1, 7, 5, 2, 3, (3, 2), (2, 1), (1, 0), 1, 1),  # non-square kernel and image, batch 1
+    (2, 9, 8, 4, 6, 3, 2, 1, (2, 1), 2),  # dilation and groups
+    (1, 5, 5, 6, 6, 1, 1, 0, 1, 3),  # 1x1 fast path with groups
+    (2, 8, 7, 2, 2, 4, 3, 2, 1, 1),  # pad larger than stride
+    (1, 11, 11, 3, 5, 11, 4, 0, 1, 1),  # AlexNet conv1 geometry, one output
+]
+
+
+def _arrays(rng, n, h, w, c_in, c_out, kernel, groups, dtype=np.float32):
+    kh, kw = pair(kernel)
+    x = rng.standard_normal((n, h, w, c_in)).astype(dtype)
+    wt = rng.standard_normal((kh, kw, c_in // groups, c_out)).astype(dtype)
+    b = rng.standard_normal((c_out,)).astype(dtype)
+    return x, wt, b
+
+
+@pytest.mark.parametrize("impl", ["im2col", "xla"])
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_matches_caffe_loop(rng, case, impl):
+    n, h, w, c_in, c_out, kernel, stride, pad, dil, groups = case
+    x, wt, b = _arrays(rng, n, h, w, c_in, c_out, kernel, groups)
+    got = fl.conv2d(x, wt, b, stride=stride, padding=pad, dilation=dil, groups=groups, impl=impl)
+    want = caffe_conv_loop(x, wt, b, pair(stride), pair(pad), pair(dil), groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_hand_worked():
+    # §1 example: 1x3x3 input 1..9, k=2 -> columns [1 2 4 5] [2 3 5 6] [4 5 7 8] [5 6 8 9];
+    # a weight of ones sums each window.
+    x = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+    cols = fl.im2col(x, 2)
+    np.testing.assert_array_equal(
+        cols[0].reshape(4, 4), [[1, 2, 4, 5], [2, 3, 5, 6], [4, 5, 7, 8], [5, 6, 8, 9]]
+    )
+    y = fl.conv2d(x, jnp.ones((2, 2, 1, 1)), jnp.array([0.5]))
+    np.testing.assert_array_equal(y[0, :, :, 0], [[12.5, 16.5], [24.5, 28.5]])
+    # padding 1, stride 2: windows at (-1,-1), (-1,1), (1,-1), (1,1)
+    y = fl.conv2d(x, jnp.ones((2, 2, 1, 1)), stride=2, padding=1)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[1, 5], [11, 28]])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_transpose2d_matches_caffe_scatter(rng, case):
+    n, h, w, c_in, c_out, kernel, stride, pad, dil, groups = case
+    kh, kw = pair(kernel)
+    # deconv of an input with c_out channels back to c_in channels, weight (KH, KW, c_in/G, c_out)
+    y_in = rng.standard_normal((n, h, w, c_out)).astype(np.float32)
+    wt = rng.standard_normal((kh, kw, c_in // groups, c_out)).astype(np.float32)
+    b = rng.standard_normal((c_in,)).astype(np.float32)
+    try:
+        got = fl.conv_transpose2d(
+            y_in, wt, b, stride=stride, padding=pad, dilation=dil, groups=groups
+        )
+    except ValueError:
+        pytest.fail("valid deconvolution geometry rejected")
+    want = caffe_deconv_loop(y_in, wt, b, pair(stride), pair(pad), pair(dil), groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose2d_hand_worked_upsample():
+    # §2 example: x=[[1,2],[3,4]], k=2, s=2, W=ones -> nearest-neighbour 4x4 upsample.
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+    y = fl.conv_transpose2d(x, jnp.ones((2, 2, 1, 1)), stride=2)
+    np.testing.assert_array_equal(
+        y[0, :, :, 0], [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_transpose_is_adjoint_of_conv(rng, case):
+    n, h, w, c_in, c_out, kernel, stride, pad, dil, groups = case
+    x, wt, _ = _arrays(rng, n, h, w, c_in, c_out, kernel, groups, np.float64)
+    cfg = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    with jax.enable_x64():
+        y = fl.conv2d(jnp.asarray(x), jnp.asarray(wt), **cfg)
+        v = rng.standard_normal(y.shape)
+        xt = fl.conv_transpose2d(jnp.asarray(v), jnp.asarray(wt), **cfg)
+        if xt.shape != x.shape:  # Caffe's sizes only match when the conv tiles exactly
+            x = x[:, : xt.shape[1], : xt.shape[2]]
+            y = fl.conv2d(jnp.asarray(x), jnp.asarray(wt), **cfg)
+        np.testing.assert_allclose(np.vdot(y, v), np.vdot(x, xt), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "image,kernel,stride,pad,dil",
+    [((7, 6), (3, 2), (2, 1), (1, 2), (1, 2)), ((5, 5), 1, 2, 0, 1), ((4, 4), 1, 1, 0, 1)],
+)
+def test_col2im_is_adjoint_of_im2col(rng, image, kernel, stride, pad, dil):
+    with jax.enable_x64():
+        x = jnp.asarray(rng.standard_normal((2, *image, 3)))
+        cols = fl.im2col(x, kernel, stride=stride, padding=pad, dilation=dil)
+        c = jnp.asarray(rng.standard_normal(cols.shape))
+        back = fl.col2im(c, image, kernel, stride=stride, padding=pad, dilation=dil)
+        assert back.shape == x.shape
+        np.testing.assert_allclose(jnp.vdot(cols, c), jnp.vdot(x, back), rtol=1e-10)
+
+
+def test_im2col_column_order_is_kh_kw_c(rng):
+    x = rng.standard_normal((1, 4, 5, 3)).astype(np.float32)
+    cols = np.asarray(fl.im2col(x, (2, 3), stride=(2, 1), padding=(1, 0), dilation=1))
+    xp = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    for oh in range(cols.shape[1]):
+        for ow in range(cols.shape[2]):
+            for i in range(2):
+                for j in range(3):
+                    for c in range(3):
+                        got = cols[0, oh, ow, (i * 3 + j) * 3 + c]
+                        assert got == xp[0, oh * 2 + i, ow + j, c]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    cg=st.integers(1, 3),
+    og=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    sh=st.integers(1, 3),
+    sw=st.integers(1, 3),
+    ph=st.integers(0, 2),
+    pw=st.integers(0, 2),
+    dh=st.integers(1, 2),
+    dw=st.integers(1, 2),
+)
+def test_impls_agree_hypothesis(n, h, w, cg, og, groups, kh, kw, sh, sw, ph, pw, dh, dw):
+    if dh * (kh - 1) + 1 > h + 2 * ph or dw * (kw - 1) + 1 > w + 2 * pw:
+        return  # geometry rejected by design; covered by the error tests
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.standard_normal((n, h, w, cg * groups)).astype(np.float32)
+    wt = rng.standard_normal((kh, kw, cg, og * groups)).astype(np.float32)
+    cfg = dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), groups=groups)
+    a = fl.conv2d(x, wt, **cfg)
+    b = fl.conv2d(x, wt, impl="xla", **cfg)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- autodiff
+@pytest.mark.parametrize("impl", ["im2col", "xla"])
+def test_conv2d_check_grads(rng, impl):
+    x, wt, b = _arrays(rng, 2, 6, 5, 4, 4, (3, 2), 2, np.float64)
+    with jax.enable_x64():
+        f = lambda x, w, b: fl.conv2d(x, w, b, stride=2, padding=1, groups=2, impl=impl)
+        check_grads(f, (x, wt, b), order=2, modes=["fwd", "rev"])
+
+
+def test_conv_transpose2d_check_grads(rng):
+    x = rng.standard_normal((2, 3, 4, 4))
+    wt = rng.standard_normal((3, 3, 1, 4))
+    b = rng.standard_normal((2,))
+    with jax.enable_x64():
+        f = lambda x, w, b: fl.conv_transpose2d(x, w, b, stride=2, padding=1, groups=2)
+        check_grads(f, (x, wt, b), order=2, modes=["fwd", "rev"])
+
+
+def test_im2col_col2im_check_grads(rng):
+    x = rng.standard_normal((1, 5, 4, 2))
+    with jax.enable_x64():
+        check_grads(
+            lambda x: fl.im2col(x, 3, stride=2, padding=1), (x,), order=2, modes=["fwd", "rev"]
+        )
+        c = fl.im2col(jnp.asarray(x), 3, stride=2, padding=1)
+        g = lambda c: fl.col2im(c, (5, 4), 3, stride=2, padding=1)
+        check_grads(g, (np.asarray(c),), order=2, modes=["fwd", "rev"])
+
+
+def test_conv2d_backward_is_two_dots_and_col2im(rng):
+    x, wt, _ = _arrays(rng, 2, 8, 8, 3, 4, 3, 1)
+    loss = lambda x, w: jnp.sum(fl.conv2d(x, w, padding=1) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, wt))
+    assert jaxpr.count("dot_general") == 3  # forward product, dW, dcols
+    assert "fnlayers_col2im" in jaxpr
+    assert " pad[" not in jaxpr.split("fnlayers_col2im")[0].split("fnlayers_im2col")[-1]
+
+
+def test_jit_and_vmap(rng):
+    x, wt, b = _arrays(rng, 3, 7, 7, 2, 3, 3, 1)
+    f = lambda x: fl.conv2d(x, wt, b, stride=2, padding=1)
+    want = f(x)
+    np.testing.assert_allclose(jax.jit(f)(x), want, rtol=1e-6)
+    # vmap over an extra leading axis: each element is an (N=1) batch
+    got = jax.vmap(f)(x[:, None])
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
+    g = jax.vmap(jax.grad(lambda x: jnp.sum(f(x) ** 2)))(x[:, None])
+    want_g = jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
+    np.testing.assert_allclose(g[:, 0], want_g, rtol=1e-4, atol=1e-5)
+    t = lambda y: fl.conv_transpose2d(y, wt, stride=2, padding=1)
+    y = f(x)
+    np.testing.assert_allclose(jax.vmap(t)(y[:, None])[:, 0], t(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("impl", ["im2col", "xla"])
+def test_low_precision_keeps_dtype(rng, dtype, impl):
+    x, wt, b = _arrays(rng, 2, 6, 6, 3, 4, 3, 1)
+    y = fl.conv2d(x.astype(dtype), wt.astype(dtype), b.astype(dtype), padding=1, impl=impl)
+    assert y.dtype == dtype
+    ref = fl.conv2d(x, wt, b, padding=1)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=0.05, atol=0.1)
+    yt = fl.conv_transpose2d(x.astype(dtype), wt.transpose(0, 1, 3, 2).astype(dtype))
+    assert yt.dtype == dtype
+
+
+# ----------------------------------------------------------------------------- bad input
+X = np.zeros((1, 5, 5, 4), np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (
+            dict(w=np.zeros((3, 3, 2, 6), np.float32), groups=3),
+            ValueError,
+            "groups=3 does not divide C_in=4",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 2, 5), np.float32), groups=2),
+            ValueError,
+            "groups=2 does not divide C_out=5",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 3, 6), np.float32)),
+            ValueError,
+            r"w has 3 input channels per group but x has C_in=4",
+        ),
+        (
+            dict(w=np.zeros((7, 3, 4, 6), np.float32)),
+            ValueError,
+            "kernel height 7 .* larger than the padded input height 5",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), stride=0),
+            ValueError,
+            "stride=0 must be positive",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), dilation=(1, 0)),
+            ValueError,
+            r"dilation=\(1, 0\) must be positive",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), padding=-1),
+            ValueError,
+            "padding=-1 must be >= 0",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), stride=1.5),
+            TypeError,
+            "stride=1.5 must be an int or a pair",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float64)),
+            TypeError,
+            "x has dtype float32 but w has dtype float64",
+        ),
+        (dict(w=np.zeros((3, 3, 4), np.float32)), ValueError, "w must have rank 4"),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), impl="cudnn"),
+            ValueError,
+            "impl='cudnn' must be one of",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), b=np.zeros(5, np.float32)),
+            ValueError,
+            r"b has shape \(5,\)",
+        ),
+        (
+            dict(w=np.zeros((3, 3, 4, 6), np.float32), groups=0),
+            ValueError,
+            "groups=0 must be a positive int",
+        ),
+    ],
+)
+def test_conv2d_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fl.conv2d(X, **kwargs)
+
+
+def test_conv2d_rank_and_dtype_errors():
+    with pytest.raises(ValueError, match=r"conv2d: x must have rank 4 \(NHWC\)"):
+        fl.conv2d(np.zeros((5, 5, 4), np.float32), np.zeros((3, 3, 4, 1), np.float32))
+    with pytest.raises(TypeError, match="x must have a floating dtype, got int32"):
+        fl.conv2d(np.zeros((1, 5, 5, 4), np.int32), np.zeros((3, 3, 4, 1), np.int32))
+
+
+def test_conv_transpose2d_bad_input():
+    with pytest.raises(ValueError, match=r"w.shape\[3\]=3 must equal the C_in=4"):
+        fl.conv_transpose2d(X, np.zeros((2, 2, 1, 3), np.float32))
+    with pytest.raises(ValueError, match="groups=3 does not divide C_in=4"):
+        fl.conv_transpose2d(X, np.zeros((2, 2, 1, 4), np.float32), groups=3)
+    with pytest.raises(ValueError, match="padding=3 crops the whole output"):
+        fl.conv_transpose2d(X[:, :1, :1], np.zeros((2, 2, 1, 4), np.float32), padding=3)
+    with pytest.raises(ValueError, match="stride=-2 must be positive"):
+        fl.conv_transpose2d(X, np.zeros((2, 2, 1, 4), np.float32), stride=-2)
+
+
+def test_col2im_bad_cols():
+    with pytest.raises(ValueError, match=r"col2im: cols shape \(1, 2, 2, 9\) does not fit"):
+        fl.col2im(np.zeros((1, 2, 2, 9), np.float32), (5, 5), 3)
+
+
+def test_output_shape_helpers_work_from_shapes_alone():
+    assert fl.conv_output_shape((-1, 227, 227, 3), (11, 11, 3, 96), stride=4) == (-1, 55, 55, 96)
+    assert fl.conv_output_shape((8, 27, 27, 96), (5, 5, 48, 256), padding=2, groups=2) == (
+        8,
+        27,
+        27,
+        256,
+    )
+    # FCN 2x upsampling: k=4, s=2, p=1 doubles the size.
+    assert fl.conv_transpose_output_shape(
+        (-1, 8, 8, 21), (4, 4, 1, 21), stride=2, padding=1, groups=21
+    ) == (-1, 16, 16, 21)
