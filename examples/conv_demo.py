@@ -18,7 +18,9 @@ def main():
     y = fl.conv2d(x, w)
     y_xla = fl.conv2d(x, w, impl="xla")
     print(f"conv2d {x.shape} * {w.shape} -> {y.shape}")
-    print(f"  im2col vs lax.conv_general_dilated: max |diff| = {float(jnp.abs(y - y_xla).max()):.2e}")
+    print(
+        f"  im2col vs lax.conv_general_dilated: max |diff| = {float(jnp.abs(y - y_xla).max()):.2e}"
+    )
 
     cols = fl.im2col(x, 5)
     print(f"  the column matrix: {cols.shape} (N, OH, OW, KH*KW*C)")

@@ -1,6 +1,14 @@
-"""fnlayers: pure-function neural-network layers for JAX with Caffe's exact semantics."""
+"""fnlayers: pure-function neural-network layers for JAX with Caffe's exact semantics.
 
-from fnlayers import init
+Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of arrays; layers
+(``Conv2D``, ``MaxPool``, ``BatchNorm``, ...) are ``(init, apply)`` pairs composed with
+``serial``/``parallel``/``shared``. Submodules: ``init`` (Caffe fillers), ``losses``, ``optim``
+(Caffe's SGD), ``schedules`` (Caffe's learning-rate policies), ``models`` (the model zoo),
+``train`` (jit-compiled steps and ``fit``), ``checkpoint``, ``data``.
+"""
+
+from fnlayers import checkpoint, data, init, losses, models, optim, schedules, train
+from fnlayers.activations import elu, maxout, prelu, relu, sigmoid, tanh
 from fnlayers.conv import (
     col2im,
     conv2d,
@@ -9,38 +17,119 @@ from fnlayers.conv import (
     conv_transpose_output_shape,
     im2col,
 )
+from fnlayers.dropout import dropout
 from fnlayers.layers import (
+    ELU,
+    LRN,
+    AvgPool,
+    BatchNorm,
     Conv2D,
     Deconv2D,
     Dense,
+    Dropout,
     Flatten,
+    GlobalAvgPool,
+    GlobalMaxPool,
     Lambda,
     Layer,
+    Maxout,
+    MaxPool,
+    PReLU,
+    ReLU,
+    Sigmoid,
+    StochasticPool,
+    Tanh,
+    layer_shapes,
     parallel,
+    param_mults,
     serial,
     shared,
+    summary,
 )
 from fnlayers.linear import dense, flatten
+from fnlayers.losses import (
+    accuracy,
+    contrastive,
+    euclidean,
+    sigmoid_cross_entropy,
+    softmax_cross_entropy,
+)
+from fnlayers.normalization import batch_norm, batch_norm_state, lrn
+from fnlayers.pooling import (
+    avg_pool,
+    global_avg_pool,
+    global_max_pool,
+    max_pool,
+    pool_output_shape,
+    pool_output_size,
+    stochastic_pool,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ELU",
+    "LRN",
+    "AvgPool",
+    "BatchNorm",
     "Conv2D",
     "Deconv2D",
     "Dense",
+    "Dropout",
     "Flatten",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
     "Lambda",
     "Layer",
+    "MaxPool",
+    "Maxout",
+    "PReLU",
+    "ReLU",
+    "Sigmoid",
+    "StochasticPool",
+    "Tanh",
+    "accuracy",
+    "avg_pool",
+    "batch_norm",
+    "batch_norm_state",
+    "checkpoint",
     "col2im",
+    "contrastive",
     "conv2d",
     "conv_output_shape",
     "conv_transpose2d",
     "conv_transpose_output_shape",
+    "data",
     "dense",
+    "dropout",
+    "elu",
+    "euclidean",
     "flatten",
+    "global_avg_pool",
+    "global_max_pool",
     "im2col",
     "init",
+    "layer_shapes",
+    "losses",
+    "lrn",
+    "max_pool",
+    "maxout",
+    "models",
+    "optim",
     "parallel",
+    "param_mults",
+    "pool_output_shape",
+    "pool_output_size",
+    "prelu",
+    "relu",
+    "schedules",
     "serial",
     "shared",
+    "sigmoid",
+    "sigmoid_cross_entropy",
+    "softmax_cross_entropy",
+    "stochastic_pool",
+    "summary",
+    "tanh",
+    "train",
 ]

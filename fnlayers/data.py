@@ -43,6 +43,7 @@ __all__ = [
     "batches",
     "epochs",
     "load_digits",
+    "random_shift",
     "read_cifar10_batches",
     "read_mnist_idx",
     "steps_per_epoch",
@@ -291,6 +292,30 @@ def epochs(
     if num_epochs is not None:
         num_epochs = _check_int(num_epochs, fn=fn, name="num_epochs", minimum=0)
     return _epoch_iter(x, y, batch_size, seed, start_epoch, num_epochs, shuffle, drop_last)
+
+
+def random_shift(max_shift: int = 1):
+    """A training-batch augmentation: every image moved by a random whole-pixel offset.
+
+    Returns ``augment(x, y, rng) -> (x_shifted, y)`` for :func:`fnlayers.train.fit`. Each image
+    of an ``(N, H, W, ...)`` batch is translated by ``(dy, dx)``, drawn uniformly from
+    ``[-max_shift, max_shift]`` per image with the numpy Generator ``rng``; pixels shifted in
+    from outside are 0. Labels are unchanged.
+    """
+    max_shift = _check_int(max_shift, fn="random_shift", name="max_shift", minimum=0)
+
+    def augment(x, y, rng):
+        x = np.asarray(x)
+        n, h, w = x.shape[:3]
+        m = max_shift
+        padded = np.pad(x, ((0, 0), (m, m), (m, m)) + ((0, 0),) * (x.ndim - 3))
+        dy = rng.integers(0, 2 * m + 1, n)
+        dx = rng.integers(0, 2 * m + 1, n)
+        rows = (dy[:, None] + np.arange(h)[None, :])[:, :, None]
+        cols = (dx[:, None] + np.arange(w)[None, :])[:, None, :]
+        return padded[np.arange(n)[:, None, None], rows, cols], y
+
+    return augment
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, *, drop_last: bool) -> int:

@@ -345,3 +345,21 @@ def test_batching_bad_arguments_fail_at_the_call(call, error, message):
     x, y = _pairs(10)
     with pytest.raises(error, match=message):
         call(x, y)  # raised eagerly, before any next()
+
+
+def test_random_shift_moves_each_image_by_at_most_max_shift():
+    x = np.zeros((50, 6, 6, 1), np.float32)
+    x[:, 2, 3, 0] = 1.0  # one bright pixel per image
+    y = np.arange(50)
+    shifted, y_out = data.random_shift(1)(x, y, np.random.default_rng(0))
+    assert shifted.shape == x.shape and y_out is y
+    moves = set()
+    for img in shifted[..., 0]:
+        (r,), (c,) = np.nonzero(img)
+        moves.add((int(r) - 2, int(c) - 3))
+        assert img.sum() == 1.0
+    assert moves == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    same, _ = data.random_shift(0)(x, y, np.random.default_rng(0))
+    np.testing.assert_array_equal(same, x)
+    with pytest.raises(ValueError, match="max_shift"):
+        data.random_shift(-1)

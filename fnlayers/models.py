@@ -1,0 +1,222 @@
+"""The model zoo: Caffe's reference networks, built from fnlayers layers.
+
+Each function reproduces a definition in Caffe's model zoo (the files in
+``shared/caffe-models/``): the same layer types, sizes, fillers and per-parameter
+``lr_mult``/``decay_mult``, with Caffe's layer names as parameter keys (``conv1``, ``pool1``,
+``ip1``, ...). Multipliers travel with the layers; :func:`fnlayers.layers.param_mults` turns
+them into the trees :func:`fnlayers.optim.sgd` takes.
+
+Inputs are NHWC. Caffe flattens ``(C, H, W)`` before an InnerProduct and fnlayers flattens
+``(H, W, C)``, so importing Caffe InnerProduct weights that follow a convolution needs that
+permutation; networks trained here are unaffected.
+"""
+
+from __future__ import annotations
+
+from fnlayers import init
+from fnlayers.layers import (
+    LRN,
+    AvgPool,
+    BatchNorm,
+    Conv2D,
+    Deconv2D,
+    Dense,
+    Dropout,
+    Layer,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    serial,
+    shared,
+)
+
+__all__ = ["alexnet", "cifar10_bn", "cifar10_quick", "fcn_tiny", "lenet", "siamese_lenet"]
+
+# Caffe's usual ``param { lr_mult: 1 } param { lr_mult: 2 }``: biases learn twice as fast.
+_LR_W1_B2 = (1.0, 2.0)
+
+
+def lenet(num_classes: int = 10) -> Layer:
+    """Caffe's LeNet (``mnist/lenet_train_test.prototxt``), input ``(N, 28, 28, 1)``.
+
+    conv1 (20, 5x5) -> pool1 (max 2/2) -> conv2 (50, 5x5) -> pool2 (max 2/2) -> ip1 (500) ->
+    relu1 -> ip2 (num_classes). Xavier weights, zero biases, biases at lr_mult 2.
+    """
+    return serial(*_lenet_layers(num_classes), name="lenet")
+
+
+def cifar10_quick(num_classes: int = 10) -> Layer:
+    """Caffe's CIFAR10-quick (``cifar10/cifar10_quick_train_test.prototxt``), input
+    ``(N, 32, 32, 3)``: three 5x5 pad-2 convolutions (32, 32, 64) with max/ave/ave 3/2 pooling
+    and ReLUs, then ip1 (64) and ip2 (num_classes). Gaussian fillers as in the prototxt."""
+    return serial(
+        _conv("conv1", 32, 5, padding=2, std=1e-4),
+        MaxPool(3, stride=2, name="pool1"),
+        ReLU(name="relu1"),
+        _conv("conv2", 32, 5, padding=2, std=0.01),
+        ReLU(name="relu2"),
+        AvgPool(3, stride=2, name="pool2"),
+        _conv("conv3", 64, 5, padding=2, std=0.01),
+        ReLU(name="relu3"),
+        AvgPool(3, stride=2, name="pool3"),
+        _dense("ip1", 64, std=0.1),
+        _dense("ip2", num_classes, std=0.1),
+        name="cifar10_quick",
+    )
+
+
+def alexnet(num_classes: int = 1000, *, dropout_rate: float = 0.5) -> Layer:
+    """Caffe's BVLC AlexNet (``bvlc_alexnet/train_val.prototxt``), input ``(N, 227, 227, 3)``.
+
+    Grouped convolutions (conv2, conv4, conv5 with group 2), LRN after conv1/conv2 (local_size
+    5, alpha 1e-4, beta 0.75), max pooling 3/2, fc6/fc7 (4096) with dropout, fc8. Weights
+    gaussian (std 0.01; 0.005 for fc6/fc7), biases 0 or 0.1 as in the prototxt; every layer
+    has lr_mult (1, 2) and decay_mult (1, 0).
+    """
+    mult = dict(lr_mult=_LR_W1_B2, decay_mult=(1.0, 0.0))
+    return serial(
+        _conv("conv1", 96, 11, stride=4, std=0.01, **mult),
+        ReLU(name="relu1"),
+        LRN(5, alpha=1e-4, beta=0.75, name="norm1"),
+        MaxPool(3, stride=2, name="pool1"),
+        _conv("conv2", 256, 5, padding=2, groups=2, std=0.01, bias=0.1, **mult),
+        ReLU(name="relu2"),
+        LRN(5, alpha=1e-4, beta=0.75, name="norm2"),
+        MaxPool(3, stride=2, name="pool2"),
+        _conv("conv3", 384, 3, padding=1, std=0.01, **mult),
+        ReLU(name="relu3"),
+        _conv("conv4", 384, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult),
+        ReLU(name="relu4"),
+        _conv("conv5", 256, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult),
+        ReLU(name="relu5"),
+        MaxPool(3, stride=2, name="pool5"),
+        _dense("fc6", 4096, std=0.005, bias=0.1, **mult),
+        ReLU(name="relu6"),
+        Dropout(dropout_rate, name="drop6"),
+        _dense("fc7", 4096, std=0.005, bias=0.1, **mult),
+        ReLU(name="relu7"),
+        Dropout(dropout_rate, name="drop7"),
+        _dense("fc8", num_classes, std=0.01, **mult),
+        name="alexnet",
+    )
+
+
+def siamese_lenet(embedding_dim: int = 2) -> Layer:
+    """Caffe's Siamese LeNet (``siamese/mnist_siamese_train_test.prototxt``).
+
+    Input: a pair ``(x, x_p)`` of ``(N, 28, 28, 1)`` batches; output the pair of embeddings
+    ``(feat, feat_p)``, each ``(N, embedding_dim)``. Caffe shares weights by naming the params
+    of both branches alike (``conv1_w`` ...); here :func:`fnlayers.shared` applies one LeNet
+    trunk (conv1 ... ip2, then ``feat``) to both inputs, so there is one set of parameters.
+    Train it with :func:`fnlayers.losses.contrastive`.
+    """
+    trunk = serial(
+        *_lenet_layers(10), _dense("feat", embedding_dim, xavier=True), name="siamese_trunk"
+    )
+    return shared(trunk, 2, name="siamese_lenet")
+
+
+def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
+    """A small fully convolutional network for per-pixel classification (no Caffe original).
+
+    Input ``(N, H, W, C)`` with H and W multiples of 4; output per-pixel logits
+    ``(N, H, W, num_classes)``. conv1 (3x3) -> pool1 (max 2/2) -> conv2 (3x3) -> pool2 ->
+    conv3 (3x3), ReLUs, then ``score`` (1x1, num_classes) at 1/4 resolution and ``upscore``:
+    a grouped ``Deconv2D`` (kernel 8, stride 4, pad 2, one group per class) initialised with
+    :func:`fnlayers.init.bilinear` and frozen (lr_mult 0), FCN's fixed bilinear upsampling.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"fcn_tiny: num_classes={num_classes!r} must be a positive int")
+    msra = dict(w_init=init.msra())
+    return serial(
+        Conv2D(width, 3, padding=1, name="conv1", lr_mult=_LR_W1_B2, **msra),
+        ReLU(name="relu1"),
+        MaxPool(2, stride=2, name="pool1"),
+        Conv2D(2 * width, 3, padding=1, name="conv2", lr_mult=_LR_W1_B2, **msra),
+        ReLU(name="relu2"),
+        MaxPool(2, stride=2, name="pool2"),
+        Conv2D(4 * width, 3, padding=1, name="conv3", lr_mult=_LR_W1_B2, **msra),
+        ReLU(name="relu3"),
+        Conv2D(num_classes, 1, name="score", lr_mult=_LR_W1_B2, w_init=init.xavier()),
+        Deconv2D(
+            num_classes,
+            8,
+            stride=4,
+            padding=2,
+            groups=num_classes,
+            bias=False,
+            w_init=init.bilinear(),
+            lr_mult=0.0,
+            decay_mult=0.0,
+            name="upscore",
+        ),
+        name="fcn_tiny",
+    )
+
+
+def cifar10_bn(num_classes: int = 10) -> Layer:
+    """Caffe's CIFAR10-full with sigmoid and batch norm
+    (``cifar10/cifar10_full_sigmoid_train_test_bn.prototxt``), input ``(N, 32, 32, 3)``.
+
+    Three bias-free 5x5 pad-2 convolutions (32, 32, 64), each followed by BatchNorm (Caffe's,
+    no learned scale: ``affine=False``) and a sigmoid, with max/ave/ave 3/2 pooling, then ip1
+    (num_classes) with decay_mult (1, 0).
+    """
+    return serial(
+        _conv("conv1", 32, 5, padding=2, std=1e-4, bias=None, lr_mult=1.0),
+        MaxPool(3, stride=2, name="pool1"),
+        BatchNorm(affine=False, name="bn1"),
+        Sigmoid(name="Sigmoid1"),
+        _conv("conv2", 32, 5, padding=2, std=0.01, bias=None, lr_mult=1.0),
+        BatchNorm(affine=False, name="bn2"),
+        Sigmoid(name="Sigmoid2"),
+        AvgPool(3, stride=2, name="pool2"),
+        _conv("conv3", 64, 5, padding=2, std=0.01, bias=None, lr_mult=1.0),
+        BatchNorm(affine=False, name="bn3"),
+        Sigmoid(name="Sigmoid3"),
+        AvgPool(3, stride=2, name="pool3"),
+        _dense("ip1", num_classes, std=0.01, lr_mult=1.0, decay_mult=(1.0, 0.0)),
+        name="cifar10_bn",
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _lenet_layers(num_classes):
+    return (
+        Conv2D(20, 5, name="conv1", lr_mult=_LR_W1_B2),
+        MaxPool(2, stride=2, name="pool1"),
+        Conv2D(50, 5, name="conv2", lr_mult=_LR_W1_B2),
+        MaxPool(2, stride=2, name="pool2"),
+        _dense("ip1", 500, xavier=True),
+        ReLU(name="relu1"),
+        _dense("ip2", num_classes, xavier=True),
+    )
+
+
+def _conv(name, num_output, kernel, *, std, bias=0.0, lr_mult=_LR_W1_B2, decay_mult=1.0, **kw):
+    return Conv2D(
+        num_output,
+        kernel,
+        name=name,
+        w_init=init.gaussian(std),
+        bias=bias is not None,
+        b_init=init.constant(bias or 0.0),
+        lr_mult=lr_mult,
+        decay_mult=decay_mult,
+        **kw,
+    )
+
+
+def _dense(
+    name, num_output, *, std=None, xavier=False, bias=0.0, lr_mult=_LR_W1_B2, decay_mult=1.0
+):
+    return Dense(
+        num_output,
+        name=name,
+        w_init=init.xavier() if xavier else init.gaussian(std),
+        b_init=init.constant(bias),
+        lr_mult=lr_mult,
+        decay_mult=decay_mult,
+    )

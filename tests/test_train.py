@@ -1,0 +1,174 @@
+"""End-to-end training: fit on real digits, exact resume, non-finite stop, label checks."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnlayers as fl
+from fnlayers import checkpoint, data, losses, models, optim, schedules, train
+
+
+@pytest.fixture(scope="module")
+def digits12():
+    d = data.load_digits(12)
+    return d
+
+
+def small_net():
+    return fl.serial(
+        fl.Conv2D(8, 3, name="conv1"),
+        fl.MaxPool(2, stride=2, name="pool1"),
+        fl.ReLU(name="relu1"),
+        fl.Dropout(0.2, name="drop1"),
+        fl.Dense(10, name="ip1"),
+    )
+
+
+def test_lenet_learns_digits(tmp_path):
+    d = data.load_digits(28)
+    model = models.lenet()
+    lr_mult, decay_mult = fl.param_mults(model)
+    solver = optim.sgd(
+        schedules.inv(0.01, gamma=1e-4, power=0.75),
+        momentum=0.9,
+        weight_decay=5e-4,
+        lr_mult=lr_mult,
+        decay_mult=decay_mult,
+    )
+    _, history = train.fit(
+        model,
+        losses.softmax_cross_entropy,
+        solver,
+        (d.x_train, d.y_train),
+        batch_size=64,
+        epochs=4,
+        metrics={"accuracy": losses.accuracy},
+        eval_data=(d.x_test, d.y_test),
+        progress=False,
+    )
+    tests = [r["test_accuracy"] for r in history.records if "test_accuracy" in r]
+    assert len(tests) == 4
+    assert tests[-1] >= 0.9
+    first = history.records[0]
+    assert first["lr"] == pytest.approx(0.01 * (1 + 1e-4 * 0) ** -0.75, rel=1e-3)
+    history.save_json(tmp_path / "h.json")
+    history.save_csv(tmp_path / "h.csv")
+    assert json.loads((tmp_path / "h.json").read_text())[-1]["test_accuracy"] == tests[-1]
+    header = (tmp_path / "h.csv").read_text().splitlines()[0].split(",")
+    assert {"iteration", "loss", "accuracy", "test_accuracy"} <= set(header)
+
+
+def _fit(digits12, **kw):
+    model = small_net()
+    solver = optim.sgd(0.05, momentum=0.9, weight_decay=1e-4)
+    return train.fit(
+        model,
+        losses.softmax_cross_entropy,
+        solver,
+        (digits12.x_train, digits12.y_train),
+        batch_size=50,
+        iterations=60,  # 28 steps per epoch: the run crosses two epoch boundaries
+        seed=3,
+        progress=False,
+        log_every=5,
+        eval_every=20,
+        eval_data=(digits12.x_test, digits12.y_test),
+        augment=data.random_shift(1),
+        **kw,
+    )
+
+
+def test_resume_is_bit_identical(digits12, tmp_path):
+    ts_full, hist_full = _fit(digits12)
+    path = tmp_path / "run.npz"
+    _fit(digits12, checkpoint_path=path, checkpoint_every=10, stop_after=37)
+    assert checkpoint.load_metadata(path)["iteration"] == 37
+    ts_resumed, hist_resumed = _fit(digits12, checkpoint_path=path, checkpoint_every=10)
+    jax.tree.map(np.testing.assert_array_equal, ts_resumed.params, ts_full.params)
+    jax.tree.map(np.testing.assert_array_equal, ts_resumed.opt_state, ts_full.opt_state)
+    np.testing.assert_array_equal(
+        jax.random.key_data(ts_resumed.key), jax.random.key_data(ts_full.key)
+    )
+    assert [r["iteration"] for r in hist_resumed.records] == [
+        r["iteration"] for r in hist_full.records
+    ]
+    # evaluations see identical params; the training-loss window right after the resume
+    # averages only the steps run since, so only the evaluations are compared exactly
+    assert hist_resumed.records[-1]["test_loss"] == hist_full.records[-1]["test_loss"]
+    assert checkpoint.load_metadata(path)["iteration"] == 60
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(digits12, tmp_path):
+    # The learning rate explodes at iteration 12: the loss goes non-finite a step or two later.
+    blow_up = lambda it: jnp.where(it < 12, 0.05, 1e30).astype(jnp.float32)
+    path = tmp_path / "run.npz"
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"became (nan|inf) at iteration 1[2-9]"
+    ) as e:
+        train.fit(
+            small_net(),
+            losses.softmax_cross_entropy,
+            optim.sgd(blow_up, momentum=0.9),
+            (digits12.x_train, digits12.y_train),
+            batch_size=50,
+            iterations=40,
+            checkpoint_path=path,
+            checkpoint_every=5,
+            progress=False,
+        )
+    assert e.value.checkpoint == path and str(path) in str(e.value)
+    iteration = checkpoint.load_metadata(path)["iteration"]
+    assert iteration == 5 * (e.value.iteration // 5) and iteration <= e.value.iteration
+    restored = checkpoint.load(path)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored["params"]))
+    assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_labels_outside_the_classes_are_rejected_before_training(digits12):
+    y = digits12.y_train.copy()
+    y[7] = 10
+    with pytest.raises(ValueError, match=r"label 10 at index 7, outside the model's 10 classes"):
+        train.fit(
+            small_net(),
+            losses.softmax_cross_entropy,
+            optim.sgd(0.1),
+            (digits12.x_train, y),
+            batch_size=50,
+            iterations=1,
+            progress=False,
+        )
+
+
+def test_fit_argument_errors(digits12):
+    args = (small_net(), losses.softmax_cross_entropy, optim.sgd(0.1))
+    xy = (digits12.x_train, digits12.y_train)
+    with pytest.raises(ValueError, match="exactly one of iterations"):
+        train.fit(*args, xy, batch_size=10, progress=False)
+    with pytest.raises(ValueError, match="batch_size=0 must be an int"):
+        train.fit(*args, xy, batch_size=0, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="disagree on the number of examples"):
+        train.fit(*args, (digits12.x_train, digits12.y_train[:-1]), batch_size=10, iterations=1)
+
+
+def test_train_step_donates_and_threads_the_key(digits12, key):
+    model = small_net()
+    solver = optim.sgd(0.1)
+    ts = train.create_train_state(model, solver, (-1, 12, 12, 1), key)
+    step = train.make_train_step(model, losses.softmax_cross_entropy, solver)
+    x, y = digits12.x_train[:8], digits12.y_train[:8]
+    old_key = jax.random.key_data(ts.key)
+    ts2, metrics = step(ts, x, y)
+    assert ts.params["conv1"]["w"].is_deleted()  # donated
+    assert not np.array_equal(jax.random.key_data(ts2.key), old_key)
+    assert set(metrics) == {"loss", "lr"} and np.isfinite(metrics["loss"])
+    evaluate = train.make_eval_step(
+        model, losses.softmax_cross_entropy, metrics={"acc": losses.accuracy}
+    )
+    result = train.evaluate(
+        evaluate, ts2.params, ts2.state, digits12.x_test, digits12.y_test, batch_size=64
+    )
+    assert set(result) == {"loss", "acc"} and 0.0 <= result["acc"] <= 1.0
