@@ -10,6 +10,9 @@ of :func:`im2col` is ``(N, OH, OW, KH*KW*C)`` with columns ordered ``(kh, kw, c)
 of the other. Autodiff of ``conv2d`` therefore gives the backward pass the design asks for: two
 matrix products (``dW = colsᵀ·dY``, ``dcols = dY·Wᵀ``) and one ``col2im``, never autodiff of
 the slices that build the columns; forward mode, higher orders, ``jit`` and ``vmap`` all work.
+When a layer's column matrix is large, ``conv2d`` runs that same im2col + product over blocks of
+the batch (or of output rows) sized to stay in cache, rebuilding each block's columns in the
+backward pass (docs/performance.md has the measurements).
 ``impl="xla"`` computes the same convolution with ``lax.conv_general_dilated``, the baseline
 every benchmark compares against.
 """
@@ -65,7 +68,6 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, impl="im2
     out_shape = conv_output_shape(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, fn=fn
     )
-    kernel = w.shape[:2]
     stride, padding, dilation = _pairs(stride, padding, dilation, fn)
     if impl == "xla":
         y = lax.conv_general_dilated(
@@ -79,8 +81,7 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, impl="im2
             preferred_element_type=_acc_dtype(x.dtype),
         ).astype(x.dtype)
     else:
-        cols = _im2col(x, kernel, stride, padding, dilation)
-        y = _cols_times_weight(cols, w, groups)
+        y = _conv_im2col(x, w, stride, padding, dilation, groups)
     if y.shape[1:] != out_shape[1:]:  # pragma: no cover - guards the shape rule itself
         raise RuntimeError(f"conv2d: computed {y.shape}, expected {out_shape}")
     return _add_bias(y, b, fn)
@@ -287,23 +288,104 @@ def _add_bias(y, b, fn):
     return y + b.reshape(1, 1, 1, -1)
 
 
-def _cols_times_weight(cols, w, groups):
-    """``(N, OH, OW, KH*KW*C) x (KH, KW, C/G, O) -> (N, OH, OW, O)``, block-diagonal in groups."""
+def _weight_matrix(w, groups):
+    """The weight as the product wants it: ``(C_out, KH*KW*C)`` for ``groups == 1`` (contracted
+    on its last axis, so that dW comes out of the backward pass as ``dYᵀ·cols``, which XLA:CPU runs
+    ~1.4x faster than ``colsᵀ·dY``); ``(KH*KW, C/G, G, O/G)`` otherwise."""
     kh, kw, c_g, c_out = w.shape
+    if groups == 1:
+        return w.reshape(kh * kw * c_g, c_out).T
+    return w.reshape(kh * kw, c_g, groups, c_out // groups)
+
+
+def _cols_times_matrix(cols, wm, groups):
+    """``(N, OH, OW, KH*KW*C) x _weight_matrix(w) -> (N, OH, OW, O)``, block-diagonal in groups."""
     acc = _acc_dtype(cols.dtype)
     if groups == 1:
-        w2 = w.reshape(kh * kw * c_g, c_out)
-        y = lax.dot_general(cols, w2, (((3,), (0,)), ((), ())), preferred_element_type=acc)
+        y = lax.dot_general(cols, wm, (((3,), (1,)), ((), ())), preferred_element_type=acc)
         return y.astype(cols.dtype)
     n, oh, ow = cols.shape[:3]
-    cg = cols.reshape(n, oh, ow, kh * kw, groups, c_g)
-    wg = w.reshape(kh * kw, c_g, groups, c_out // groups)
-    y = jnp.einsum("nhwkgc,kcgo->nhwgo", cg, wg, preferred_element_type=acc)
-    return y.astype(cols.dtype).reshape(n, oh, ow, c_out)
+    kk, c_g, _, o_g = wm.shape
+    cg = cols.reshape(n, oh, ow, kk, groups, c_g)
+    y = jnp.einsum("nhwkgc,kcgo->nhwgo", cg, wm, preferred_element_type=acc)
+    return y.astype(cols.dtype).reshape(n, oh, ow, groups * o_g)
+
+
+# Tiling of the column matrix. A layer's whole column matrix is tens to hundreds of MB; built in
+# one piece it runs out of cache and, above glibc's mmap threshold, into freshly page-faulted
+# memory on every call. Above _TILE_ABOVE_BYTES the convolution runs over blocks of about
+# _BLOCK_BYTES of columns: blocks of the batch, and blocks of output rows when one example alone
+# is larger. Both sizes were chosen by measurement on a 2-core x86 CPU with 2 MB of L2 per core
+# (docs/performance.md); below _TILE_ABOVE_BYTES the loop and the rebuilt columns cost more than
+# they save.
+_BLOCK_BYTES = 4 << 20
+_TILE_ABOVE_BYTES = 16 << 20
+
+
+def _largest_divisor(n, cap):
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def _tiling(n, oh, row_bytes):
+    """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
+    ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling."""
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES:
+        return oh, n
+    rows = _largest_divisor(oh, _BLOCK_BYTES // row_bytes)
+    windows = n * (oh // rows)
+    return rows, _largest_divisor(windows, _BLOCK_BYTES // (rows * row_bytes))
+
+
+def _conv_im2col(x, w, stride, padding, dilation, groups):
+    """``im2col`` then one product; over blocks (a ``lax.scan``) when the columns are large.
+
+    A block is a few examples, or a window of output rows of one example (the input rows it reads,
+    halo included, are cut out beforehand and stacked along the batch axis). The block body is
+    rematerialised (``jax.checkpoint``): the backward pass rebuilds each block's columns rather
+    than keeping all of them, so per block it is ``im2col``, the two products ``dW += dYᵀ·cols``
+    and ``dcols = dY·W``, and ``col2im`` -- Caffe's backward, in cache. Forward mode, higher
+    orders and ``vmap`` go through ``scan``'s own rules.
+    """
+    kernel = w.shape[:2]
+    n, h, wd, c = x.shape
+    (kh, _), (sh, _), (ph, pw), (dh, _) = kernel, stride, padding, dilation
+    # The weight matrix is formed once, outside the loop, so the loop accumulates its gradient in
+    # the product's own layout and the transpose back to HWIO happens once.
+    wm = _weight_matrix(w, groups)
+
+    def block(xb, wm, padding):
+        return _cols_times_matrix(_im2col(xb, kernel, stride, padding, dilation), wm, groups)
+
+    oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
+    row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
+    rows, b = _tiling(n, oh, row_bytes)
+    if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
+        return block(x, wm, padding)  # a 1x1 convolution has no columns to keep in cache
+    if rows < oh:
+        # Windows of `rows` output rows: input rows [r*rows*sh, r*rows*sh + span) of the
+        # height-padded image, stacked along the batch; each is then convolved without height
+        # padding.
+        span = (rows - 1) * sh + (kh - 1) * dh + 1
+        xp = _pad_crop(x, ph, ph, 0, 0)
+        windows = [
+            lax.slice_in_dim(xp, r * rows * sh, r * rows * sh + span, axis=1)
+            for r in range(oh // rows)
+        ]
+        x = jnp.stack(windows, axis=1).reshape(-1, span, wd, c)
+        padding = (0, pw)
+    nb = x.shape[0] // b
+    body = jax.checkpoint(lambda carry, xb: (carry, block(xb, wm, padding)), prevent_cse=False)
+    _, y = lax.scan(body, None, x.reshape(nb, b, *x.shape[1:]))
+    return y.reshape(n, oh, ow, y.shape[-1])
+
+
+def _is_1x1(kernel, stride, padding):
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
 def _im2col(x, kernel, stride, padding, dilation):
-    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+    if _is_1x1(kernel, stride, padding):
         return x  # Caffe's is_1x1 fast path: the columns are the image itself
     return im2col_p.bind(
         x, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=x.shape[1:3]
@@ -311,7 +393,7 @@ def _im2col(x, kernel, stride, padding, dilation):
 
 
 def _col2im(cols, image, kernel, stride, padding, dilation):
-    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+    if _is_1x1(kernel, stride, padding):
         return cols
     return col2im_p.bind(
         cols, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=tuple(image)
@@ -322,11 +404,30 @@ def _offsets(kernel, dilation):
     return [(i * dilation[0], j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1])]
 
 
+def _pad_crop(x, low_h, high_h, low_w, high_w):
+    """Zero-pads (positive) or crops (negative) the two spatial axes of an NHWC array."""
+    zero = jnp.zeros((), x.dtype)
+    return lax.pad(x, zero, ((0, 0, 0), (low_h, high_h, 0), (low_w, high_w, 0), (0, 0, 0)))
+
+
+# im2col. Every path returns the same matrix; which one is used depends on the geometry only:
+#   stride == kernel, no dilation   -> one reshape + transpose (space-to-depth; no overlap)
+#   width stride > 1, no w-dilation -> width phases: ceil(KW/sw) slices per kernel row
+#   otherwise                       -> KH*KW strided slices, concatenated
+# XLA:CPU builds the concatenation as one pass over materialised slices; measured against
+# dynamic_update_slice chains, stack + transpose, gathers and sums of padded slices, it was the
+# fastest general construction once the blocks are in cache (docs/performance.md).
+
+
 def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
     n, h, w, c = x.shape
-    (ph, pw), (sh, sw) = padding, stride
+    (ph, pw), (sh, sw), dw = padding, stride, dilation[1]
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph, ph, 0), (pw, pw, 0), (0, 0, 0)))
+    if stride == kernel and dilation == (1, 1):
+        return _im2col_space_to_depth(x, kernel, padding, (oh, ow))
+    if sw > 1 and dw == 1 and kernel[1] > 1:
+        return _im2col_width_phases(x, kernel, stride, padding, dilation, (oh, ow))
+    xp = _pad_crop(x, ph, ph, pw, pw)
     pieces = [
         lax.slice(
             xp,
@@ -339,25 +440,107 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
     return jnp.concatenate(pieces, axis=-1)
 
 
+def _im2col_space_to_depth(x, kernel, padding, out_hw):
+    """Non-overlapping windows: the columns are the padded image cut into ``KH x KW`` tiles."""
+    n, h, w, c = x.shape
+    (kh, kw), (ph, pw), (oh, ow) = kernel, padding, out_hw
+    xp = _pad_crop(x, ph, oh * kh - h - ph, pw, ow * kw - w - pw)
+    tiles = xp.reshape(n, oh, kh, ow, kw, c).transpose(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(n, oh, ow, kh * kw * c)
+
+
+def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
+    """im2col for a width stride ``sw > 1`` (dilation 1 along the width): the image is folded to
+    ``(N, Hp, Wp / sw, sw * C)`` (a free reshape), where the taps ``j = q*sw .. q*sw + sw - 1`` of
+    one kernel row are ``sw * C`` contiguous values. Each kernel row then needs ``ceil(KW / sw)``
+    slices instead of ``KW``, and the concatenation moves fewer, longer pieces.
+    """
+    n, h, w, c = x.shape
+    (kh, kw), (ph, pw), (sh, sw), dh = kernel, padding, stride, dilation[0]
+    oh, ow = out_hw
+    nq = -(-kw // sw)  # folded columns spanned by one kernel row
+    wq = ow - 1 + nq  # folded columns read
+    xf = _pad_crop(x, ph, ph, pw, wq * sw - w - pw).reshape(n, h + 2 * ph, wq, sw * c)
+    pieces = []
+    for i in range(kh):
+        for q in range(nq):
+            taps = min(sw, kw - q * sw)
+            pieces.append(
+                lax.slice(
+                    xf,
+                    (0, i * dh, q, 0),
+                    (n, i * dh + (oh - 1) * sh + 1, q + ow, taps * c),
+                    (1, sh, 1, 1),
+                )
+            )
+    return jnp.concatenate(pieces, axis=-1)
+
+
+# col2im: the adjoint of each im2col path.
+#   stride == kernel, no dilation -> one transpose + reshape (depth-to-space)
+#   stride > 1                    -> by stride phase: dense sums of shifted slices, interleaved
+#   stride 1                      -> sum of KH*KW shifted slices (one fused loop)
+
+
 def _col2im_impl(cols, *, kernel, stride, padding, dilation, image):
-    n, oh, ow, kkc = cols.shape
+    if stride == kernel and dilation == (1, 1):
+        return _col2im_depth_to_space(cols, kernel, padding, image)
+    if stride != (1, 1):
+        return _col2im_phases(cols, kernel, stride, padding, dilation, image)
+    _, oh, ow, kkc = cols.shape
     c = kkc // (kernel[0] * kernel[1])
-    (h, w), (ph, pw), (sh, sw) = image, padding, stride
-    hp, wp = h + 2 * ph, w + 2 * pw
-    zero = jnp.zeros((), cols.dtype)
+    (h, w), (ph, pw) = image, padding
     acc = None
     for idx, (h0, w0) in enumerate(_offsets(kernel, dilation)):
         piece = cols[..., idx * c : (idx + 1) * c]
-        # Places piece[oh] at row h0 + oh*sh of the padded image: low pad h0, interior sh-1.
-        config = (
-            (0, 0, 0),
-            (h0, hp - h0 - (oh - 1) * sh - 1, sh - 1),
-            (w0, wp - w0 - (ow - 1) * sw - 1, sw - 1),
-            (0, 0, 0),
-        )
-        placed = lax.pad(piece, zero, config)
+        # piece[oh, ow] lands on pixel (h0 + oh, w0 + ow) of the padded image, then the padding
+        # is cropped: one padded (or cropped) shifted copy per kernel offset, summed.
+        placed = _pad_crop(piece, h0 - ph, h + ph - h0 - oh, w0 - pw, w + pw - w0 - ow)
         acc = placed if acc is None else acc + placed
-    return lax.slice(acc, (0, ph, pw, 0), (n, ph + h, pw + w, c))
+    return acc
+
+
+def _col2im_depth_to_space(cols, kernel, padding, image):
+    n, oh, ow, kkc = cols.shape
+    (kh, kw), (ph, pw), (h, w) = kernel, padding, image
+    c = kkc // (kh * kw)
+    tiles = cols.reshape(n, oh, ow, kh, kw, c).transpose(0, 1, 3, 2, 4, 5)
+    full = tiles.reshape(n, oh * kh, ow * kw, c)
+    return _pad_crop(full, -ph, h + ph - oh * kh, -pw, w + pw - ow * kw)
+
+
+def _col2im_phases(cols, kernel, stride, padding, dilation, image):
+    """col2im for stride > 1, by stride phase: padded pixel ``o*s + i*d`` receives tap ``i`` of
+    output ``o``; writing ``i*d = q*s + r``, that is pixel ``(o + q)*s + r``. For each phase
+    ``(r_h, r_w)`` the taps are a dense sum of shifted (not strided) copies of size
+    ``(OH + q_max, OW + q_max)``; the ``s_h * s_w`` phase images are then interleaved by one
+    transpose and reshape. Each output element sums ``~KH*KW / (s_h*s_w)`` terms instead of
+    evaluating ``KH*KW`` strided placements.
+    """
+    n, oh, ow, kkc = cols.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    c = kkc // (kh * kw)
+    h, w = image
+    lh = oh + ((kh - 1) * dh) // sh
+    lw = ow + ((kw - 1) * dw) // sw
+    phases = {}
+    for i in range(kh):
+        qi, ri = divmod(i * dh, sh)
+        for j in range(kw):
+            qj, rj = divmod(j * dw, sw)
+            idx = i * kw + j
+            placed = _pad_crop(
+                cols[..., idx * c : (idx + 1) * c], qi, lh - oh - qi, qj, lw - ow - qj
+            )
+            key = (ri, rj)
+            phases[key] = placed if key not in phases else phases[key] + placed
+    zeros = jnp.zeros((n, lh, lw, c), cols.dtype)
+    stacked = jnp.stack(
+        [phases.get((ri, rj), zeros) for ri in range(sh) for rj in range(sw)], axis=0
+    ).reshape(sh, sw, n, lh, lw, c)
+    full = stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, lh * sh, lw * sw, c)
+    # Crop the padding and cut (or zero-fill) the far edge to the image.
+    return _pad_crop(full, -ph, ph + h - lh * sh, -pw, pw + w - lw * sw)
 
 
 def _im2col_abstract(x, *, kernel, stride, padding, dilation, image):

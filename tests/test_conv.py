@@ -392,3 +392,146 @@ def test_output_shape_helpers_work_from_shapes_alone():
     assert fl.conv_transpose_output_shape(
         (-1, 8, 8, 21), (4, 4, 1, 21), stride=2, padding=1, groups=21
     ) == (-1, 16, 16, 21)
+
+
+# ----------------------------------------------------------------------------- fast paths
+# im2col/col2im pick a construction by geometry (space-to-depth when stride == kernel, width
+# phases for a width stride > 1, strided slices otherwise) and conv2d tiles the batch when the
+# column matrix is large; every path must give the same matrix and the same gradients.
+conv_module = __import__("importlib").import_module("fnlayers.conv")
+
+PATH_GEOMETRIES = [
+    # (image, kernel, stride, pad, dilation)
+    ((9, 9), 3, 3, 0, 1),  # space-to-depth, exact tiling
+    ((10, 11), (2, 3), (2, 3), (1, 2), 1),  # space-to-depth with padding and a cropped edge
+    ((12, 13), 5, (1, 4), 2, 1),  # width phases, kw > sw
+    ((7, 12), (3, 2), (2, 3), 1, (2, 1)),  # width phases, kw < sw, height dilation
+    ((8, 11), (2, 4), (3, 2), (0, 1), 1),  # width phases, kw multiple of sw
+    ((13, 13), 11, 4, 0, 1),  # AlexNet conv1 geometry
+    ((9, 10), 3, 2, 1, 2),  # width dilation: generic slices
+    ((6, 7), (2, 2), (1, 1), (1, 0), (1, 2)),  # stride 1, dilation
+]
+
+
+def im2col_slices(x, kernel, stride, pad, dil):
+    """The naive construction in jnp, differentiable by JAX itself."""
+    h, w = x.shape[1:3]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pair(kernel), pair(stride), pair(pad), pair(dil)
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    ow = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    return jnp.concatenate(
+        [
+            xp[
+                :,
+                i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+            ]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+
+
+@pytest.mark.parametrize("image,kernel,stride,pad,dil", PATH_GEOMETRIES)
+def test_im2col_paths_match_reference_and_col2im_is_adjoint(rng, image, kernel, stride, pad, dil):
+    cfg = dict(stride=stride, padding=pad, dilation=dil)
+    with jax.enable_x64():
+        x = rng.standard_normal((2, *image, 3))
+        cols = fl.im2col(jnp.asarray(x), kernel, **cfg)
+        ref = jax.jit(lambda x: im2col_slices(x, kernel, stride, pad, dil))
+        np.testing.assert_array_equal(cols, ref(x))
+        c = rng.standard_normal(cols.shape)
+        back = fl.col2im(jnp.asarray(c), image, kernel, **cfg)
+        assert back.shape == x.shape
+        np.testing.assert_allclose(np.vdot(cols, c), np.vdot(x, back), rtol=1e-10)
+        # ... and equals autodiff of the reference construction (pad, strided slices, concat)
+        ref_t = jax.jit(lambda x, c: jax.vjp(ref, x)[1](c)[0])
+        np.testing.assert_allclose(back, ref_t(x, c), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_grads_match_xla(rng, case):
+    """The custom backward (two dots + col2im) against autodiff of lax.conv_general_dilated."""
+    n, h, w, c_in, c_out, kernel, stride, pad, dil, groups = case
+    x, wt, _ = _arrays(rng, n, h, w, c_in, c_out, kernel, groups, np.float64)
+    cfg = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    with jax.enable_x64():
+        g = {}
+        for impl in ("im2col", "xla"):
+            loss = lambda x, w, impl=impl: jnp.sum(jnp.sin(fl.conv2d(x, w, impl=impl, **cfg)))
+            g[impl] = jax.value_and_grad(loss, argnums=(0, 1))(x, wt)
+        np.testing.assert_allclose(g["im2col"][0], g["xla"][0], rtol=1e-10)
+        for a, b in zip(g["im2col"][1], g["xla"][1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.fixture(params=["rows", "examples"])
+def tiny_blocks(request, monkeypatch):
+    """Forces conv2d to tile: ``tile(x_shape, w_shape, itemsize, **cfg)`` sets the budget to one
+    output row ("rows": row windows folded into the batch) or one example ("examples")."""
+
+    def tile(x_shape, w_shape, itemsize, **cfg):
+        monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 0)
+        _, oh, ow, _ = fl.conv_output_shape(x_shape, w_shape, **cfg)
+        row = ow * w_shape[0] * w_shape[1] * x_shape[3] * itemsize
+        monkeypatch.setattr(
+            conv_module, "_BLOCK_BYTES", row * (1 if request.param == "rows" else oh)
+        )
+
+    return tile
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_tiled_matches_xla(rng, tiny_blocks, case):
+    n, h, w, c_in, c_out, kernel, stride, pad, dil, groups = case
+    n = 4  # several blocks
+    x, wt, b = _arrays(rng, n, h, w, c_in, c_out, kernel, groups, np.float64)
+    cfg = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    tiny_blocks(x.shape, wt.shape, 8, **cfg)
+    with jax.enable_x64():
+        loss = lambda x, w, impl: jnp.sum(jnp.sin(fl.conv2d(x, w, b, impl=impl, **cfg)))
+        jaxpr = str(jax.make_jaxpr(lambda x, w: loss(x, w, "im2col"))(x, wt))
+        is_1x1 = pair(kernel) == (1, 1) and pair(stride) == (1, 1) and pair(pad) == (0, 0)
+        assert ("scan" in jaxpr) != is_1x1
+        got = jax.value_and_grad(loss, argnums=(0, 1))(x, wt, "im2col")
+        want = jax.value_and_grad(loss, argnums=(0, 1))(x, wt, "xla")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+        for a, b_ in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(a, b_, rtol=1e-9, atol=1e-10)
+
+
+def test_conv2d_tiled_check_grads_jit_vmap(rng, tiny_blocks):
+    x, wt, b = _arrays(rng, 4, 6, 5, 4, 4, (3, 2), 2, np.float64)
+    tiny_blocks(x.shape, wt.shape, 8, stride=2, padding=1, groups=2)
+    with jax.enable_x64():
+        f = lambda x, w, b: fl.conv2d(x, w, b, stride=2, padding=1, groups=2)
+        assert "scan" in str(jax.make_jaxpr(f)(x, wt, b))
+        check_grads(f, (x, wt, b), order=1, modes=["fwd", "rev"])
+        want = fl.conv2d(x, wt, b, stride=2, padding=1, groups=2, impl="xla")
+        np.testing.assert_allclose(jax.jit(f)(x, wt, b), want, rtol=1e-10)
+        got = jax.vmap(f, in_axes=(0, None, None))(x.reshape(2, 2, *x.shape[1:]), wt, b)
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-10)
+
+
+def test_conv2d_tiled_backward_is_two_dots_and_col2im(rng, tiny_blocks):
+    x, wt, _ = _arrays(rng, 4, 8, 8, 3, 4, 3, 1)
+    tiny_blocks(x.shape, wt.shape, 4, padding=1)
+    loss = lambda x, w: jnp.sum(fl.conv2d(x, w, padding=1) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, wt))
+    assert "scan" in jaxpr
+    assert jaxpr.count("dot_general") == 3  # forward product, dW, dcols: one each per block
+    assert "fnlayers_col2im" in jaxpr
+
+
+def test_tiling_choice(monkeypatch):
+    monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 40)
+    tiling = conv_module._tiling
+    assert tiling(2, 5, 10) == (5, 2)  # 100 bytes in all: not tiled
+    assert tiling(16, 4, 2) == (4, 4)  # whole examples (8 bytes): 5 fit, 4 divides 16
+    assert tiling(8, 4, 5) == (4, 2)  # 20 bytes per example, 2 per block
+    assert tiling(7, 4, 5) == (4, 1)  # 7 is prime: one example per block
+    assert tiling(8, 6, 10) == (3, 1)  # one example is 60 bytes: windows of 3 rows
+    assert tiling(3, 7, 50) == (1, 1)  # a row above the block size: one row per block

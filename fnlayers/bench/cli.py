@@ -1,0 +1,78 @@
+"""``fnlayers-bench``: command-line entry point of the benchmark suites.
+
+    fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col,xla]
+                        [--no-torch] [--torch-threads N] [--reps N]
+
+Room for more suites (``train``) as further subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+__all__ = ["main"]
+
+
+def _default_out(suite: str, quick: bool) -> str:
+    import jax
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = "-quick" if quick else ""
+    return f"benchmarks/results/{suite}-{jax.devices()[0].platform}{tag}-{stamp}.json"
+
+
+def _conv(args) -> int:
+    from fnlayers.bench import conv
+
+    pool = conv.CASES + conv.TINY_CASES
+    if args.tiny:
+        cases = conv.TINY_CASES
+    elif args.cases:
+        names = args.cases.split(",")
+        unknown = [n for n in names if n not in {c.name for c in pool}]
+        if unknown:
+            print(f"unknown case(s) {unknown}; known: {[c.name for c in pool]}", file=sys.stderr)
+            return 2
+        cases = [c for n in names for c in pool if c.name == n]
+    else:
+        cases = conv.CASES
+    out = None if args.no_out else (args.out or _default_out("conv", args.quick or args.tiny))
+    conv.run(
+        quick=args.quick or args.tiny,
+        cases=cases,
+        impls=tuple(args.impls.split(",")),
+        modes=tuple(args.modes.split(",")),
+        torch=not args.no_torch,
+        torch_threads=args.torch_threads,
+        reps=args.reps,
+        gemm_n=256 if args.tiny else None,
+        out=out,
+    )
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fnlayers-bench", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="suite", required=True)
+    c = sub.add_parser("conv", help="conv2d forward and forward+backward per layer shape")
+    c.add_argument("--quick", action="store_true", help="3 repetitions, small GEMM: < 1 minute")
+    c.add_argument("--tiny", action="store_true", help="tiny shapes, 1-2 s: a smoke test")
+    c.add_argument("--out", help="JSON path (a .md table is written beside it)")
+    c.add_argument("--no-out", action="store_true", help="print only, write no files")
+    c.add_argument("--cases", help="comma-separated case names (default: all six layers)")
+    c.add_argument("--impls", default="im2col,xla", help="fnlayers impls to time")
+    c.add_argument("--modes", default="fwd,fwd+bwd")
+    c.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    c.add_argument(
+        "--torch-threads", type=int, help="PyTorch threads (default: best of all cores and 1)"
+    )
+    c.add_argument("--reps", type=int, help="timed repetitions per case")
+    c.set_defaults(func=_conv)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

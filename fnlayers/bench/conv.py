@@ -1,0 +1,312 @@
+"""The ``conv`` suite: forward and forward+backward of one convolution layer.
+
+Layer shapes (NHWC input, HWIO weight, float32) are those of AlexNet conv1-3, Caffe's
+CIFAR10-quick conv2, LeNet conv2 and a VGG 3x3 128->128 layer at 56x56. Each is timed for
+``impl="im2col"`` and ``impl="xla"`` and, when it is importable, for PyTorch (``F.conv2d`` in
+whichever of NCHW and channels-last memory format, and of ``torch.set_num_threads`` set to the
+cores this process may use or to 1, is fastest for that case; the choice is recorded).
+Forward+backward is ``value_and_grad`` of ``sum(y**2)`` with respect to ``x`` and ``w``.
+
+Reported: median ms, GFLOP/s (2·N·OH·OW·C_out·KH·KW·C_in/groups per product; forward+backward
+counts three products), percent of the ``jnp.dot`` 2048³ peak measured in the same run, the ratios
+im2col/xla and im2col/torch, and their geometric means over the cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fnlayers as fl
+from fnlayers.bench._harness import (
+    environment,
+    gemm_peak,
+    geomean,
+    markdown_table,
+    time_callable,
+    time_jax,
+    write_json,
+)
+
+__all__ = ["CASES", "TINY_CASES", "ConvCase", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    name: str
+    n: int
+    h: int
+    w: int
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        shape = fl.conv_output_shape(
+            (self.n, self.h, self.w, self.c_in),
+            (self.kernel, self.kernel, self.c_in // self.groups, self.c_out),
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+        )
+        return shape[1], shape[2]
+
+    @property
+    def flops(self) -> float:
+        """Multiply-adds x 2 of one forward product."""
+        oh, ow = self.out_hw
+        k = self.kernel * self.kernel * self.c_in // self.groups
+        return 2.0 * self.n * oh * ow * self.c_out * k
+
+    def describe(self) -> str:
+        s = f"{self.n}x{self.h}x{self.w}x{self.c_in}, {self.kernel}x{self.kernel}"
+        if self.stride != 1:
+            s += f"/{self.stride}"
+        if self.padding:
+            s += f" pad {self.padding}"
+        if self.groups != 1:
+            s += f" groups {self.groups}"
+        return s + f", {self.c_out}"
+
+
+CASES = (
+    ConvCase("alexnet_conv1", 8, 227, 227, 3, 96, 11, stride=4),
+    ConvCase("alexnet_conv2", 8, 27, 27, 96, 256, 5, padding=2),
+    ConvCase("alexnet_conv3", 8, 13, 13, 256, 384, 3, padding=1),
+    ConvCase("cifar10_quick_conv2", 64, 16, 16, 32, 32, 5, padding=2),
+    ConvCase("lenet_conv2", 64, 12, 12, 20, 50, 5),
+    ConvCase("vgg_3x3_128", 8, 56, 56, 128, 128, 3, padding=1),
+)
+
+# For the smoke test: every code path of the suite in a few seconds.
+TINY_CASES = (
+    ConvCase("tiny_stride", 2, 13, 13, 3, 4, 5, stride=4),
+    ConvCase("tiny_pad", 2, 8, 8, 4, 6, 3, padding=1),
+)
+
+MODES = ("fwd", "fwd+bwd")
+IMPLS = ("im2col", "xla")
+
+
+def _jax_fns(case: ConvCase, impl: str):
+    def fwd(x, w):
+        return fl.conv2d(
+            x, w, stride=case.stride, padding=case.padding, groups=case.groups, impl=impl
+        )
+
+    def loss(x, w):
+        return jnp.sum(jnp.square(fwd(x, w)))
+
+    return {"fwd": fwd, "fwd+bwd": jax.value_and_grad(loss, argnums=(0, 1))}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
+    """Times PyTorch in both memory formats and each thread count; keeps the fastest.
+
+    Returns ``(timing, config)``. More than one thread count is worth trying on a shared machine:
+    with every core busy, PyTorch's OpenMP threads can wait on each other for a scheduler slice
+    per barrier, and one thread is then several times faster than all of them.
+    """
+    import torch.nn.functional as F
+
+    best = None
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for fmt in ("channels_last", "nchw"):
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+            if fmt == "channels_last":
+                xt = xt.contiguous(memory_format=torch.channels_last)
+                wt = wt.contiguous(memory_format=torch.channels_last)
+            kw = dict(stride=case.stride, padding=case.padding, groups=case.groups)
+            if mode == "fwd":
+
+                def call(xt=xt, wt=wt, kw=kw):
+                    with torch.inference_mode():
+                        return F.conv2d(xt, wt, **kw)
+
+            else:
+                xt.requires_grad_(True)
+                wt.requires_grad_(True)
+
+                def call(xt=xt, wt=wt, kw=kw):
+                    y = F.conv2d(xt, wt, **kw)
+                    loss = (y * y).sum()
+                    return loss.item(), torch.autograd.grad(loss, (xt, wt))
+
+            t = time_callable(call, reps=reps, warmup=2, min_time_s=min_time_s)
+            if best is None or t.median_s < best[0].median_s:
+                best = (t, {"memory_format": fmt, "threads": threads})
+    return best
+
+
+def run(
+    *,
+    quick: bool = False,
+    cases=None,
+    impls=IMPLS,
+    modes=MODES,
+    torch: bool = True,
+    torch_threads: int | None = None,
+    reps: int | None = None,
+    gemm_n: int | None = None,
+    out: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Runs the suite; returns (and, with ``out``, writes as JSON plus a ``.md`` table) the
+    results. ``quick`` uses 3 repetitions and a 1024³ GEMM peak. PyTorch runs with
+    ``torch_threads`` threads (default: the faster of all cores and one thread, per case).
+    """
+    cases = CASES if cases is None else tuple(cases)
+    reps = reps or (3 if quick else 7)
+    min_time_s = 0.0 if quick else 0.5
+    gemm_n = gemm_n or (1024 if quick else 2048)
+    th = _torch() if torch else None
+    thread_counts = [torch_threads] if torch_threads else sorted({_cores(), 1}, reverse=True)
+    t_start = time.perf_counter()
+
+    def log(msg):
+        if verbose:
+            print(msg, flush=True)
+
+    peak = gemm_peak(gemm_n, reps=reps)
+    log(f"GEMM peak (jnp.dot {gemm_n}^3 float32): {peak['gflops']:.1f} GFLOP/s")
+    rng = np.random.default_rng(0)
+    results = []
+    for case in cases:
+        x = rng.standard_normal((case.n, case.h, case.w, case.c_in)).astype(np.float32)
+        w = rng.standard_normal(
+            (case.kernel, case.kernel, case.c_in // case.groups, case.c_out)
+        ).astype(np.float32)
+        w *= np.float32(1.0 / np.sqrt(w[..., 0].size))
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        for mode in modes:
+            row = {"case": case.name, "shape": case.describe(), "mode": mode, "impls": {}}
+            nflops = case.flops * (1 if mode == "fwd" else 3)
+            for impl in impls:
+                t = time_jax(_jax_fns(case, impl)[mode], xj, wj, reps=reps, min_time_s=min_time_s)
+                row["impls"][impl] = t.as_dict() | {"gflops": nflops / t.median_s / 1e9}
+            if th is not None:
+                t, cfg = _time_torch(th, case, x, w, mode, reps, min_time_s, thread_counts)
+                row["impls"]["torch"] = t.as_dict() | {"gflops": nflops / t.median_s / 1e9} | cfg
+            ms = {k: v["median_ms"] for k, v in row["impls"].items()}
+            for v in row["impls"].values():
+                v["pct_peak"] = 100.0 * v["gflops"] / peak["gflops"]
+            row["ratios"] = {
+                f"{a}/{b}": ms[a] / ms[b]
+                for a in ms
+                for b in ("xla", "torch")
+                if a != b and a in ms and b in ms and not (a == "xla" and b == "torch")
+            }
+            results.append(row)
+            log(
+                f"{case.name:20s} {mode:8s} "
+                + "  ".join(f"{k} {v:8.2f} ms" for k, v in ms.items())
+                + "  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items())
+            )
+    summary = {}
+    for mode in modes:
+        rows = [r for r in results if r["mode"] == mode]
+        keys = sorted({k for r in rows for k in r["ratios"]})
+        summary[mode] = {
+            f"geomean {k}": geomean([r["ratios"].get(k) for r in rows]) for k in keys
+        } | {
+            f"max {k}": max((r["ratios"][k] for r in rows if k in r["ratios"]), default=None)
+            for k in keys
+        }
+    extra = {"torch": None}
+    if th is not None:
+        extra["torch"] = {"version": th.__version__, "threads_tried": thread_counts}
+    payload = {
+        "suite": "conv",
+        "quick": quick,
+        "reps": reps,
+        "environment": environment(extra),
+        "gemm_peak": peak,
+        "results": results,
+        "summary": summary,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    table = format_table(payload)
+    log("\n" + table)
+    if out is not None:
+        path = write_json(out, payload)
+        path.with_suffix(".md").write_text(table + "\n")
+        log(f"\nwrote {path} and {path.with_suffix('.md')}")
+    return payload
+
+
+def format_table(payload: dict) -> str:
+    """The Markdown table of a conv payload: ms per impl, im2col GFLOP/s and % of peak, ratios."""
+    impls = []
+    for r in payload["results"]:
+        impls += [k for k in r["impls"] if k not in impls]
+    ratio_keys = []
+    for r in payload["results"]:
+        ratio_keys += [k for k in r["ratios"] if k not in ratio_keys]
+    header = ["layer", "shape", "mode"] + [f"{k} ms" for k in impls]
+    if "im2col" in impls:
+        header += ["im2col GFLOP/s", "im2col % peak"]
+    header += ratio_keys
+    has_torch = "torch" in impls
+    if has_torch:
+        header.append("torch config")
+    rows = []
+    for r in payload["results"]:
+        row = [r["case"], r["shape"], r["mode"]]
+        row += [r["impls"][k]["median_ms"] if k in r["impls"] else None for k in impls]
+        if "im2col" in impls:
+            row += [r["impls"]["im2col"]["gflops"], r["impls"]["im2col"]["pct_peak"]]
+        row += [r["ratios"].get(k) for k in ratio_keys]
+        if has_torch:
+            t = r["impls"].get("torch", {})
+            fmt = {"channels_last": "NHWC", "nchw": "NCHW"}.get(t.get("memory_format"), "")
+            row.append(f"{fmt}, {t['threads']} thr" if "threads" in t else None)
+        rows.append(row)
+    for mode, s in payload["summary"].items():
+        for agg in ("geomean", "max"):
+            row = ["**" + agg + "**", "", mode] + [None] * len(impls)
+            row += [None, None] if "im2col" in impls else []
+            row += [s.get(f"{agg} {k}") for k in ratio_keys]
+            row += [None] if has_torch else []
+            rows.append(row)
+    env = payload["environment"]
+    torch = env.get("torch") or {}
+    lines = [
+        f"conv suite, {env['device']['platform']} ({env['device']['kind']}, "
+        f"{env['processor']}, {env['cpu_count']} cores), jax {env['jax']}, jaxlib {env['jaxlib']}"
+        + (
+            f", torch {torch['version']} (fastest of threads {torch['threads_tried']} and "
+            "NCHW/channels-last per case)"
+            if torch
+            else ""
+        )
+        + f"; GEMM peak {payload['gemm_peak']['gflops']:.1f} GFLOP/s "
+        f"(jnp.dot {payload['gemm_peak']['n']}³); medians of {payload['reps']}+ runs; "
+        f"env {env['env'] or '{}'}",
+        "",
+        markdown_table(header, rows),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark suites: each runs in its quickest mode and writes its files."""
+
+import json
+
+from fnlayers.bench import cli
+from fnlayers.bench import conv as conv_bench
+
+
+def test_conv_benchmark_tiny_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "conv.json"
+    rc = cli.main(["conv", "--tiny", "--reps", "1", "--no-torch", "--out", str(out)])
+    assert rc == 0
+    payload = json.loads(out.read_text())
+    assert payload["suite"] == "conv"
+    assert {"device", "jax", "jaxlib", "platform", "env"} <= set(payload["environment"])
+    assert payload["gemm_peak"]["gflops"] > 0
+    cases = {c.name for c in conv_bench.TINY_CASES}
+    assert {r["case"] for r in payload["results"]} == cases
+    assert len(payload["results"]) == 2 * len(cases)  # forward, forward+backward
+    for r in payload["results"]:
+        assert set(r["impls"]) == {"im2col", "xla"}
+        for t in r["impls"].values():
+            assert t["median_ms"] > 0 and t["compile_s"] > 0 and t["gflops"] > 0
+        assert r["ratios"]["im2col/xla"] > 0
+    assert set(payload["summary"]) == {"fwd", "fwd+bwd"}
+    table = out.with_suffix(".md").read_text()
+    assert "| layer |" in table and "geomean" in table
+    assert "im2col/xla" in capsys.readouterr().out
+
+
+def test_conv_benchmark_rejects_unknown_case(capsys):
+    assert cli.main(["conv", "--cases", "nope", "--no-out"]) == 2
+    assert "unknown case" in capsys.readouterr().err
+
+
+def test_conv_cases_shapes():
+    shapes = {c.name: c.out_hw for c in conv_bench.CASES}
+    assert shapes["alexnet_conv1"] == (55, 55)
+    assert shapes["vgg_3x3_128"] == (56, 56)
+    assert len(conv_bench.CASES) == 6
