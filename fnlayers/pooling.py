@@ -13,8 +13,12 @@ Caffe applies the last line only when the padding is non-zero; fnlayers applies 
 padding (DESIGN.md, Caffe issue 6881), so no window ever starts past the image.
 
 Every window here is a set of strided slices of the (padded) input, one slice per kernel offset,
-so each op and its derivative are plain slices, pads and elementwise selects: max pooling never
-goes through ``lax.reduce_window``'s ``select_and_scatter`` gradient, which is slow on CPU.
+so each op is plain slices and elementwise selects: max pooling never goes through
+``lax.reduce_window``'s ``select_and_scatter`` gradient, which is slow on CPU. The derivatives
+of MAX and AVE pooling are custom JVPs whose tangent maps go through ``fnlayers.conv``'s linear
+``im2col`` primitive (a mask of the first maximum, or the divisor, times the window columns), so
+reverse mode transposes them into one ``col2im`` (summed by stride phase) instead of one padded,
+full-size copy per kernel offset; forward mode, higher orders and ``vmap`` keep working.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from fnlayers._checks import as_pair, check_choice, check_float_array, check_rank
+from fnlayers.conv import im2col_p as _im2col_p
 
 __all__ = [
     "ROUNDINGS",
@@ -238,15 +243,71 @@ _stochastic_kernel = functools.partial(jax.jit, static_argnames=("window", "stri
 
 @_pool_kernel
 def _max_pool(x, *, window, stride, padding, out_hw):
-    return _first_max(_window_slices(x, window, stride, padding, out_hw, -jnp.inf))
+    return _max_pool_core(x, window, stride, padding, out_hw)
 
 
 @_pool_kernel
 def _avg_pool(x, *, window, stride, padding, out_hw):
+    return _avg_pool_core(x, window, stride, padding, out_hw)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_core(x, window, stride, padding, out_hw):
+    return _first_max(_window_slices(x, window, stride, padding, out_hw, -jnp.inf))
+
+
+@_max_pool_core.defjvp
+def _max_pool_jvp(window, stride, padding, out_hw, primals, tangents):
+    """The tangent of each output is the tangent of its window's first maximum: ``sum_k
+    [first_max == k] * im2col(t)[k]``, linear in ``t``; its transpose is ``col2im`` of the
+    masked cotangent."""
+    (x,), (t,) = primals, tangents
+    pieces = _window_slices(x, window, stride, padding, out_hw, -jnp.inf)
+    y, first = _first_max(pieces), _first_max_index(pieces)
+    cols = _window_columns(t, window, stride, padding, out_hw)
+    taps = lax.broadcasted_iota(first.dtype, (1, 1, 1, window[0] * window[1], 1), 3)
+    mask = first[..., None, :] == taps
+    return y, jnp.sum(jnp.where(mask, cols, jnp.zeros((), t.dtype)), axis=3)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _avg_pool_core(x, window, stride, padding, out_hw):
     acc = _acc_dtype(x.dtype)
     total = _sum(_window_slices(x.astype(acc), window, stride, padding, out_hw, 0.0))
-    divisor = _ave_divisor(x.shape[1:3], window, stride, padding, out_hw)
-    return (total / jnp.asarray(divisor, acc)[None, :, :, None]).astype(x.dtype)
+    divisor = _ave_divisor_array(x.shape[1:3], window, stride, padding, out_hw, acc)
+    return (total / divisor).astype(x.dtype)
+
+
+@_avg_pool_core.defjvp
+def _avg_pool_jvp(window, stride, padding, out_hw, primals, tangents):
+    """AVE pooling is linear: its tangent is itself, written as ``sum_k im2col(t)[k] / pool_size``
+    so that reverse mode gets ``col2im`` of the scaled cotangent."""
+    (x,), (t,) = primals, tangents
+    acc = _acc_dtype(x.dtype)
+    divisor = _ave_divisor_array(x.shape[1:3], window, stride, padding, out_hw, acc)
+    cols = _window_columns(t.astype(acc), window, stride, padding, out_hw)
+    dy = (jnp.sum(cols, axis=3) / divisor).astype(x.dtype)
+    return _avg_pool_core(x, window, stride, padding, out_hw), dy
+
+
+def _ave_divisor_array(image, window, stride, padding, out_hw, acc):
+    """Caffe's ``pool_size`` as an ``(1, OH, OW, 1)`` constant of dtype ``acc``."""
+    divisor = _ave_divisor(image, window, stride, padding, out_hw)
+    return jnp.asarray(divisor, acc)[None, :, :, None]
+
+
+def _window_columns(t, window, stride, padding, out_hw):
+    """``(N, OH, OW, KH*KW, C)``: the windows of ``t`` zero-padded as the pooling pads, through
+    the linear ``im2col`` primitive (whose transpose is the fast ``col2im``)."""
+    n, h, w, c = t.shape
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = window, stride, padding, out_hw
+    zero = jnp.zeros((), t.dtype)
+    hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    tp = lax.pad(t, zero, ((0, 0, 0), (ph, hp - h - ph, 0), (pw, wp - w - pw, 0), (0, 0, 0)))
+    cols = _im2col_p.bind(
+        tp, kernel=window, stride=stride, padding=(0, 0), dilation=(1, 1), image=(hp, wp)
+    )
+    return cols.reshape(n, oh, ow, kh * kw, c)
 
 
 @_stochastic_kernel
@@ -320,6 +381,17 @@ def _first_max(pieces):
         take = (piece > best) | jnp.isnan(piece)
         best = jnp.where(take, piece, best)
     return best
+
+
+def _first_max_index(pieces):
+    """The offset ``k`` (row-major in the window) that :func:`_first_max` picks."""
+    dtype = jnp.int8 if len(pieces) <= 127 else jnp.int32
+    best, first = pieces[0], jnp.zeros(pieces[0].shape, dtype)
+    for k, piece in enumerate(pieces[1:], start=1):
+        take = (piece > best) | jnp.isnan(piece)
+        best = jnp.where(take, piece, best)
+        first = jnp.where(take, jnp.asarray(k, dtype), first)
+    return first
 
 
 def _sum(pieces):

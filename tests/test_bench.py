@@ -38,3 +38,38 @@ def test_conv_cases_shapes():
     assert shapes["alexnet_conv1"] == (55, 55)
     assert shapes["vgg_3x3_128"] == (56, 56)
     assert len(conv_bench.CASES) == 6
+
+
+def test_train_benchmark_tiny_writes_json_and_table(tmp_path, capsys):
+    from fnlayers.bench import train as train_bench
+
+    out = tmp_path / "train.json"
+    args = ["--tiny", "--reps", "1", "--frameworks", "fnlayers", "--no-memory", "--out", str(out)]
+    rc = cli.main(["train", *args])
+    assert rc == 0
+    payload = json.loads(out.read_text())
+    assert payload["suite"] == "train"
+    assert {"device", "jax", "jaxlib", "env"} <= set(payload["environment"])
+    assert [r["model"] for r in payload["results"]] == [m.name for m in train_bench.TINY_MODELS]
+    for r in payload["results"]:
+        t = r["frameworks"]["fnlayers"]
+        assert t["median_ms"] > 0 and t["compile_s"] > 0 and t["images_per_s"] > 0
+        assert t["memory_analysis"] is None or t["memory_analysis"]["total_mb"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "| model |" in table and "images/s" in table
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_train_benchmark_rejects_unknown_model_and_framework(capsys):
+    assert cli.main(["train", "--models", "nope", "--no-out"]) == 2
+    assert cli.main(["train", "--frameworks", "caffe", "--no-out"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "unknown framework" in err
+
+
+def test_train_benchmark_memory_probe_subprocess():
+    from fnlayers.bench import train as train_bench
+
+    probe = train_bench.measure_memory("fnlayers", train_bench.TINY_MODELS[0])
+    assert "error" not in probe, probe
+    assert probe["peak_mb"] >= probe["baseline_mb"] > 0

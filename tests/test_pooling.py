@@ -389,3 +389,36 @@ def test_shape_helper_errors():
         pool_output_shape((5, 5, 2), 2, fn="MaxPool")
     with pytest.raises(ValueError, match="window width 4 is larger than the padded input width"):
         pool_output_size((5, 3), (2, 4))
+
+
+# ----------------------------------------------------------------------------- custom JVPs
+
+
+@pytest.mark.parametrize(
+    "k, s, p, rounding",
+    [(3, 2, 0, "ceil"), (3, 2, 1, "floor"), (2, 2, 0, "ceil"), (3, 1, 1, "ceil")],
+)
+def test_pool_gradients_match_autodiff_of_window_slices(k, s, p, rounding):
+    """The custom JVPs (tangent through im2col, cotangent through col2im) give exactly the
+    gradient of plain autodiff through the window slices, ties included."""
+    from fnlayers import pooling as P
+
+    x = jnp.asarray(np.random.default_rng(3).integers(0, 4, (2, 7, 6, 3)).astype(np.float32))
+    out_hw = P.pool_output_size(x.shape[1:3], k, s, p, rounding)
+    cfg = dict(window=(k, k), stride=(s, s), padding=(p, p), out_hw=out_hw)
+
+    def ref_max(x):
+        return P._first_max(P._window_slices(x, fill=-jnp.inf, **cfg))
+
+    def ref_avg(x):
+        total = P._sum(P._window_slices(x, fill=0.0, **cfg))
+        return total / jnp.asarray(P._ave_divisor(x.shape[1:3], **cfg), x.dtype)[None, :, :, None]
+
+    ct = jnp.asarray(np.random.default_rng(4).standard_normal((2, *out_hw, 3)), jnp.float32)
+    for fn, ref in ((max_pool, ref_max), (avg_pool, ref_avg)):
+        got = jax.vjp(lambda x, fn=fn: fn(x, k, stride=s, padding=p, rounding=rounding), x)
+        want = jax.vjp(ref, x)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1](ct)[0], want[1](ct)[0], rtol=1e-6, atol=1e-6)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, fn=fn: fn(x, k, stride=s).sum()))(x))
+        assert "fnlayers_col2im" in jaxpr and "select_and_scatter" not in jaxpr

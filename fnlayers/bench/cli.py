@@ -1,9 +1,10 @@
 """``fnlayers-bench``: command-line entry point of the benchmark suites.
 
-    fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col,xla]
-                        [--no-torch] [--torch-threads N] [--reps N]
-
-Room for more suites (``train``) as further subcommands.
+fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col,xla]
+                    [--no-torch] [--torch-threads N] [--reps N]
+fnlayers-bench train [--quick | --tiny] [--out results.json] [--models a,b]
+                     [--frameworks fnlayers,fnlayers-xla,flax,torch] [--batch NAME=N]
+                     [--no-memory | --memory] [--torch-threads N] [--reps N]
 """
 
 from __future__ import annotations
@@ -53,6 +54,45 @@ def _conv(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import dataclasses
+
+    from fnlayers.bench import train
+
+    if args.tiny:
+        models = train.TINY_MODELS
+    elif args.models:
+        names = args.models.split(",")
+        known = {m.name: m for m in train.MODELS}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            print(f"unknown model(s) {unknown}; known: {list(known)}", file=sys.stderr)
+            return 2
+        models = [known[n] for n in names]
+    else:
+        models = train.QUICK_MODELS if args.quick else train.MODELS
+    for spec in args.batch or []:
+        name, _, value = spec.partition("=")
+        models = [dataclasses.replace(m, batch=int(value)) if m.name == name else m for m in models]
+    frameworks = tuple(args.frameworks.split(","))
+    unknown = [f for f in frameworks if f not in train.FRAMEWORKS]
+    if unknown:
+        print(f"unknown framework(s) {unknown}; known: {train.FRAMEWORKS}", file=sys.stderr)
+        return 2
+    quick = args.quick or args.tiny
+    out = None if args.no_out else (args.out or _default_out("train", quick))
+    train.run(
+        quick=quick,
+        models=models,
+        frameworks=frameworks,
+        torch_threads=args.torch_threads,
+        reps=args.reps,
+        memory=args.memory,
+        out=out,
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fnlayers-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="suite", required=True)
@@ -70,6 +110,29 @@ def main(argv=None) -> int:
     )
     c.add_argument("--reps", type=int, help="timed repetitions per case")
     c.set_defaults(func=_conv)
+
+    t = sub.add_parser("train", help="images/s of a full train step: fnlayers vs Flax vs PyTorch")
+    t.add_argument("--quick", action="store_true", help="LeNet + CIFAR10-quick, 3 reps: < 1 min")
+    t.add_argument("--tiny", action="store_true", help="batch 2, a few seconds: a smoke test")
+    t.add_argument("--out", help="JSON path (a .md table is written beside it)")
+    t.add_argument("--no-out", action="store_true", help="print only, write no files")
+    t.add_argument("--models", help="comma-separated: lenet,cifar10_quick,alexnet")
+    t.add_argument("--batch", action="append", help="NAME=N, e.g. alexnet=32 (repeatable)")
+    t.add_argument(
+        "--frameworks",
+        default="fnlayers,fnlayers-xla,flax,torch",
+        help="fnlayers (im2col), fnlayers-xla, flax, torch (skipped when not importable)",
+    )
+    m = t.add_mutually_exclusive_group()
+    m.add_argument(
+        "--memory", action="store_true", default=None, help="peak-memory probes (default: full)"
+    )
+    m.add_argument("--no-memory", dest="memory", action="store_false", help="no memory probes")
+    t.add_argument(
+        "--torch-threads", type=int, help="PyTorch threads (default: best of all cores and 1)"
+    )
+    t.add_argument("--reps", type=int, help="timed steps per case")
+    t.set_defaults(func=_train)
     args = p.parse_args(argv)
     return args.func(args)
 
