@@ -7,7 +7,7 @@ Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of array
 ``train`` (jit-compiled steps and ``fit``), ``checkpoint``, ``data``.
 """
 
-from fnlayers import checkpoint, data, init, losses, models, optim, schedules, train
+from fnlayers import checkpoint, data, diagnostics, init, losses, models, optim, schedules, train
 from fnlayers.activations import elu, maxout, prelu, relu, sigmoid, tanh
 from fnlayers.conv import (
     col2im,
@@ -101,6 +101,7 @@ __all__ = [
     "conv_transpose_output_shape",
     "data",
     "dense",
+    "diagnostics",
     "dropout",
     "elu",
     "euclidean",

@@ -6,6 +6,12 @@ train state's buffers, threads the PRNG key (split once per step) and returns th
 :func:`fit` loops it over shuffled minibatches with a progress bar, periodic evaluation, a
 history, atomic checkpoints, and exact resume.
 
+Gradient health (:mod:`fnlayers.diagnostics`): ``make_train_step(..., grad_norms=True)`` adds
+the per-layer gradient norms to the step's metrics, computed inside the same compiled step;
+``fit(..., diagnostics_every=N)`` records them in the history, and every ``fit`` step also
+returns which layers' gradients are finite (a few bits, read only when the loss is not), so a
+:class:`NonFiniteLossError` names the layer whose gradient went non-finite first.
+
 The batch order is a pure function of ``(seed, epoch)``: iteration ``i`` reads batch ``i %
 steps_per_epoch`` of the permutation of epoch ``i // steps_per_epoch``. Together with the key
 and the optimizer's iteration counter stored in the checkpoint, a run resumed from iteration
@@ -27,6 +33,7 @@ import jax
 import numpy as np
 
 from fnlayers import checkpoint as _checkpoint
+from fnlayers import diagnostics as _diagnostics
 from fnlayers.layers import Layer
 
 __all__ = [
@@ -42,6 +49,10 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], jax.Array]
 MetricFn = Callable[[Any, Any], jax.Array]
+
+#: Metric-name prefixes of the per-layer entries of :func:`make_train_step`.
+GRAD_NORM = "grad_norm/"
+GRAD_FINITE = "grad_finite/"
 
 
 class TrainState(NamedTuple):
@@ -67,13 +78,21 @@ class NonFiniteLossError(RuntimeError):
       iteration: the iteration whose loss was not finite.
       history: the :class:`History` up to that point.
       checkpoint: the path of the last good checkpoint, or None.
+      layer: the layer whose gradient went non-finite first (the earliest iteration, and
+        within it the layer the backward pass reached first: the one nearest the loss), or
+        None when every gradient stayed finite.
+      layer_iteration: the iteration at which ``layer``'s gradient went non-finite, or None.
     """
 
-    def __init__(self, message, *, iteration, history, checkpoint):
+    def __init__(
+        self, message, *, iteration, history, checkpoint, layer=None, layer_iteration=None
+    ):
         super().__init__(message)
         self.iteration = iteration
         self.history = history
         self.checkpoint = checkpoint
+        self.layer = layer
+        self.layer_iteration = layer_iteration
 
 
 def create_train_state(model: Layer, optimizer, in_shape, key) -> TrainState:
@@ -93,6 +112,8 @@ def make_train_step(
     *,
     metrics: Mapping[str, MetricFn] | None = None,
     donate: bool = True,
+    grad_norms: bool = False,
+    grad_finite: bool = False,
 ):
     """Builds ``step(train_state, x, y) -> (train_state, metrics)``, one jit-compiled function.
 
@@ -103,12 +124,19 @@ def make_train_step(
         (``fl.optim.sgd``); it may expose ``learning_rate_at(opt_state)`` for the metrics.
       metrics: extra ``name -> fn(outputs, y)`` computed on the training batch.
       donate: donate the incoming train state's buffers (they must not be used afterwards).
+      grad_norms: also return ``"grad_norm/<layer>"``, the L2 norm of each layer's gradient
+        (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only).
+      grad_finite: also return ``"grad_finite/<layer>"``, a bool scalar per layer with
+        parameters: whether its whole gradient is finite.
 
     Returns:
       The jitted step. Its metrics dict holds ``loss``, ``lr`` (when the optimizer reports
-      it) and every extra metric, as device scalars.
+      it), every extra metric, and the per-layer entries asked for, as device scalars.
     """
     metrics = dict(metrics or {})
+    for name, flag in (("grad_norms", grad_norms), ("grad_finite", grad_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"make_train_step: {name}={flag!r} must be a bool")
 
     def loss_and_outputs(params, state, key, x, y):
         outputs, new_state = model.apply(params, state, x, key=key, train=True)
@@ -125,6 +153,12 @@ def make_train_step(
             out["lr"] = optimizer.learning_rate_at(ts.opt_state)
         for name, fn in metrics.items():
             out[name] = fn(outputs, y)
+        if grad_norms:
+            norms = _diagnostics.grad_norms(model, grads)
+            out |= {f"{GRAD_NORM}{layer}": v for layer, v in norms.items()}
+        if grad_finite:
+            flags = _diagnostics.finite(model, grads)
+            out |= {f"{GRAD_FINITE}{layer}": v for layer, v in flags.items()}
         return TrainState(params, new_state, opt_state, key), out
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
@@ -241,6 +275,7 @@ def fit(
     progress: bool = True,
     stop_after: int | None = None,
     augment: Callable | None = None,
+    diagnostics_every: int | None = None,
 ) -> tuple[TrainState, History]:
     """Trains ``model`` on ``train_data = (x, y)`` with ``optimizer``.
 
@@ -271,6 +306,11 @@ def fit(
         every training batch on the host (Caffe's ``transform_param``), with a numpy
         ``Generator`` seeded by ``(seed, iteration)``, so resumed runs see the same batches.
         :func:`fnlayers.data.random_shift` is one.
+      diagnostics_every: None (off), or an int N >= 1: the step that completes iteration 1
+        and every iteration that is a multiple of N also computes each layer's gradient norm
+        (inside the compiled step; a second compiled variant of the step, so the others run
+        exactly as without diagnostics) and that iteration's record gets
+        ``"grad_norm/<layer>"`` entries. See :func:`fnlayers.diagnostics.plot_grad_norms`.
 
     Returns:
       ``(train_state, history)``.
@@ -278,6 +318,8 @@ def fit(
     Raises:
       ValueError: bad arguments or labels out of range.
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays intact.
+        The message names the layer whose gradient went non-finite first (this iteration or
+        the one before), or says that every gradient stayed finite.
     """
     x, y = _unpack(train_data, "train_data")
     n = _num_examples(x, y, "train_data")
@@ -292,6 +334,14 @@ def fit(
     eval_every = eval_every or steps_per_epoch
     checkpoint_every = checkpoint_every or eval_every
     metrics = dict(metrics or {})
+    if diagnostics_every is not None and (
+        not isinstance(diagnostics_every, int)
+        or isinstance(diagnostics_every, bool)
+        or diagnostics_every < 1
+    ):
+        raise ValueError(
+            f"fit: diagnostics_every={diagnostics_every!r} must be None or an int >= 1"
+        )
 
     if train_state is None:
         key = jax.random.key(seed) if key is None else key
@@ -302,7 +352,14 @@ def fit(
     if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
         train_state, start, history = _load_run(checkpoint_path, train_state)
 
-    step = make_train_step(model, loss_fn, optimizer, metrics=metrics)
+    step = make_train_step(model, loss_fn, optimizer, metrics=metrics, grad_finite=True)
+    diag_step = None
+    if diagnostics_every is not None:
+        diag_step = make_train_step(
+            model, loss_fn, optimizer, metrics=metrics, grad_norms=True, grad_finite=True
+        )
+    layer_order = _diagnostics.param_layers(model, train_state.params)
+    prev_flags: tuple[int, dict] | None = None
     eval_step = make_eval_step(model, loss_fn, metrics=metrics) if eval_data is not None else None
     end = total if stop_after is None else min(total, start + stop_after)
     bar = _Progress(total, start, enabled=progress)
@@ -321,13 +378,21 @@ def fit(
             xb, yb = _take(x, idx), _take(y, idx)
             if augment is not None:
                 xb, yb = augment(xb, yb, np.random.default_rng([seed, it, 1]))
-            train_state, out = step(train_state, xb, yb)
+            run_diag = diag_step is not None and (it == 0 or (it + 1) % diagnostics_every == 0)
+            train_state, out = (diag_step if run_diag else step)(train_state, xb, yb)
+            flags = {
+                k[len(GRAD_FINITE) :]: out.pop(k) for k in list(out) if k.startswith(GRAD_FINITE)
+            }
+            norms = {k: out.pop(k) for k in list(out) if k.startswith(GRAD_NORM)}
             loss = float(out["loss"])
             it += 1
             if not math.isfinite(loss):
+                layer, layer_it, where = _first_nonfinite_gradient(
+                    prev_flags, (it - 1, flags), layer_order
+                )
                 raise NonFiniteLossError(
                     f"fit: the training loss became {loss} at iteration {it - 1}; training "
-                    f"stopped. "
+                    f"stopped. {where} "
                     + (
                         f"The last good checkpoint is {last_ckpt}."
                         if last_ckpt
@@ -336,14 +401,20 @@ def fit(
                     iteration=it - 1,
                     history=history,
                     checkpoint=last_ckpt,
+                    layer=layer,
+                    layer_iteration=layer_it,
                 )
+            prev_flags = (it - 1, flags)
             for name, value in out.items():
                 window.setdefault(name, []).append(float(value))
             n_window += batch_size
             record = None
+            if norms:
+                record = {"iteration": it, "epoch": it / steps_per_epoch}
+                record |= {k: float(v) for k, v in jax.device_get(norms).items()}
             if it % log_every == 0 or it == total:
                 elapsed = time.perf_counter() - t_window
-                record = {"iteration": it, "epoch": it / steps_per_epoch}
+                record = record or {"iteration": it, "epoch": it / steps_per_epoch}
                 record |= {k: float(np.mean(v)) for k, v in window.items()}
                 record["images_per_s"] = n_window / max(elapsed, 1e-9)
                 window, t_window, n_window = {}, time.perf_counter(), 0
@@ -372,6 +443,39 @@ def fit(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _first_nonfinite_gradient(previous, current, order):
+    """``(layer, iteration, sentence)``: the layer whose gradient went non-finite first. The
+    previous step is looked at first: its gradient can poison the parameters while its own loss
+    is still finite. Within a step, the backward pass reaches the last layer first."""
+    for entry in (previous, current):
+        if entry is None:
+            continue
+        iteration, flags = entry
+        host = jax.device_get(flags)
+        bad = [name for name in reversed(order) if name in host and not bool(host[name])]
+        if bad:
+            every = ""
+            if len(bad) == len(host) and iteration == current[0]:
+                every = (
+                    " (every layer's gradient was non-finite, as when the loss itself is: the "
+                    "forward pass overflowed)"
+                )
+            return (
+                bad[0],
+                iteration,
+                f"The gradient first went non-finite at iteration {iteration} in layer "
+                f"{bad[0]!r}, the first the backward pass reached{every}; non-finite in: "
+                f"{', '.join(bad)}.",
+            )
+    return (
+        None,
+        None,
+        "Every layer's gradient was finite up to this step: the loss itself is not (an "
+        "overflow in the forward pass, or a NaN in the batch or its labels; "
+        "fnlayers.diagnostics.diagnose shows each layer's output and parameter scale).",
+    )
 
 
 def _unpack(data, name):

@@ -172,3 +172,46 @@ def test_train_step_donates_and_threads_the_key(digits12, key):
         evaluate, ts2.params, ts2.state, digits12.x_test, digits12.y_test, batch_size=64
     )
     assert set(result) == {"loss", "acc"} and 0.0 <= result["acc"] <= 1.0
+
+
+def test_train_step_reports_per_layer_gradient_norms_and_finiteness(digits12, key):
+    model = small_net()
+    solver = optim.sgd(0.1)
+    loss_fn = losses.softmax_cross_entropy
+    ts = train.create_train_state(model, solver, (-1, 12, 12, 1), key)
+    x, y = digits12.x_train[:8], digits12.y_train[:8]
+    # the step's own gradient: same params, same step key (dropout draws from it)
+    _, step_key = jax.random.split(ts.key)
+    grads = jax.jit(
+        jax.grad(lambda p: loss_fn(model.apply(p, ts.state, x, key=step_key, train=True)[0], y))
+    )(ts.params)
+    step = train.make_train_step(model, loss_fn, solver, grad_norms=True, grad_finite=True)
+    _, metrics = step(ts, x, y)
+    assert set(metrics) == {"loss", "lr"} | {
+        f"{what}/{layer}" for what in ("grad_norm", "grad_finite") for layer in ("conv1", "ip1")
+    }
+    for layer in ("conv1", "ip1"):
+        expected = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads[layer])))
+        assert float(metrics[f"grad_norm/{layer}"]) == pytest.approx(float(expected), rel=1e-5)
+        assert bool(metrics[f"grad_finite/{layer}"])
+    with pytest.raises(TypeError, match="grad_norms='yes' must be a bool"):
+        train.make_train_step(model, loss_fn, solver, grad_norms="yes")
+
+
+def test_non_finite_loss_names_the_layer_nearest_the_loss(digits12):
+    # a rate of 1e30 from iteration 12 makes the next forward pass overflow: every gradient of
+    # that step is NaN, and the backward pass reaches ip1 (the classifier) first
+    blow_up = lambda it: jnp.where(it < 12, 0.05, 1e30).astype(jnp.float32)
+    with pytest.raises(train.NonFiniteLossError) as e:
+        train.fit(
+            small_net(),
+            losses.softmax_cross_entropy,
+            optim.sgd(blow_up, momentum=0.9),
+            (digits12.x_train, digits12.y_train),
+            batch_size=50,
+            iterations=40,
+            progress=False,
+        )
+    assert e.value.layer == "ip1"
+    assert e.value.layer_iteration in (e.value.iteration - 1, e.value.iteration)
+    assert "in layer 'ip1'" in str(e.value) and "non-finite in: ip1" in str(e.value)
