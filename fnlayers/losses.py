@@ -225,8 +225,9 @@ def accuracy(logits, labels, *, top_k=1, ignore_label=None):
 
     Returns:
       A float32 scalar ``correct / count`` over the non-ignored positions; 0 when every
-      position is ignored; NaN if a non-ignored label is outside ``[0, K)``. Not differentiable
-      (its gradient is zero).
+      position is ignored; NaN if a non-ignored label is outside ``[0, K)``. A position with a
+      NaN score counts as wrong (Caffe's comparison would count it correct). Not
+      differentiable (its gradient is zero).
 
     Raises:
       TypeError: non-floating ``logits``, non-integer ``labels``/``top_k``/``ignore_label``.
@@ -299,7 +300,10 @@ def _accuracy(logits, labels, top_k, ignore):
     valid, in_range, safe = _label_masks(labels, ignore, logits.shape[-1])
     true_score = jnp.take_along_axis(logits, safe[..., None], axis=-1)
     at_least = jnp.sum(logits >= true_score, axis=-1)
-    correct = jnp.sum(valid & (at_least <= top_k)).astype(jnp.float32)
+    # NaN compares false with everything, so Caffe's count would call a NaN row correct; a
+    # diverged network must not score 1.0, so a position with any NaN score is wrong.
+    finite = ~jnp.any(jnp.isnan(logits), axis=-1)
+    correct = jnp.sum(valid & finite & (at_least <= top_k)).astype(jnp.float32)
     count = jnp.sum(valid).astype(jnp.float32)
     acc = jnp.where(count > 0, correct / jnp.maximum(count, 1.0), 0.0)
     return jnp.where(jnp.any(valid & ~in_range), jnp.nan, acc)

@@ -1,5 +1,16 @@
 """Shared test setup: strict rank promotion, float64 references in numpy, keys from a fixture."""
 
+import os
+
+# The suite is dominated by XLA compile time (hundreds of small programs), and XLA's backend
+# optimisation passes cost most of it; level 0 compiles about twice as fast and computes the
+# same functions (tests compare within tolerances, or two runs of the same program). Set before
+# jax starts its backend; an XLA_FLAGS that already sets the level wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 import jax
 import numpy as np
 import pytest

@@ -505,3 +505,9 @@ def test_losses_under_vmap_and_jit(rng):
         one = [f(*(a[i] for a in args)) for i in range(2)]
         np.testing.assert_allclose(jax.vmap(f)(*args), one, rtol=1e-6)
         np.testing.assert_allclose(jax.jit(f)(*(a[1] for a in args)), one[1], rtol=1e-6)
+
+
+def test_accuracy_counts_nan_scores_as_wrong():
+    logits = jnp.array([[jnp.nan, jnp.nan, jnp.nan], [0.1, 2.0, 0.3]])
+    labels = jnp.array([0, 1])
+    assert float(accuracy(logits, labels)) == 0.5

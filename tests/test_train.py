@@ -215,3 +215,22 @@ def test_non_finite_loss_names_the_layer_nearest_the_loss(digits12):
     assert e.value.layer == "ip1"
     assert e.value.layer_iteration in (e.value.iteration - 1, e.value.iteration)
     assert "in layer 'ip1'" in str(e.value) and "non-finite in: ip1" in str(e.value)
+
+
+def test_predict_matches_apply_in_batches(digits12, key):
+    model = small_net()
+    ts = train.create_train_state(model, optim.sgd(0.1), (-1, 12, 12, 1), key)
+    x = digits12.x_test[:23]
+    got = train.predict(model, ts.params, ts.state, x, batch_size=10)
+    want, _ = model.apply(ts.params, ts.state, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive int"):
+        train.predict(model, ts.params, ts.state, x, batch_size=0)
+
+
+def test_create_train_state_matches_an_eager_init(key):
+    model = small_net()
+    ts = train.create_train_state(model, optim.sgd(0.1, momentum=0.9), (-1, 12, 12, 1), key)
+    k_init, _ = jax.random.split(key)
+    _, params, _ = model.init(k_init, (-1, 12, 12, 1))
+    jax.tree.map(np.testing.assert_array_equal, ts.params, params)
