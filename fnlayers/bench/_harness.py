@@ -29,6 +29,7 @@ __all__ = [
     "gemm_peak",
     "geomean",
     "markdown_table",
+    "publish",
     "time_callable",
     "time_jax",
     "write_json",
@@ -172,6 +173,15 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def publish(payload: dict, table: str, out, log) -> None:
+    """Logs the table; with ``out``, writes the JSON there and the table beside it (``.md``)."""
+    log("\n" + table)
+    if out is not None:
+        path = write_json(out, payload)
+        path.with_suffix(".md").write_text(table + "\n")
+        log(f"\nwrote {path} and {path.with_suffix('.md')}")
 
 
 def _cell(v) -> str:

@@ -28,9 +28,9 @@ from fnlayers.bench._harness import (
     gemm_peak,
     geomean,
     markdown_table,
+    publish,
     time_callable,
     time_jax,
-    write_json,
 )
 
 __all__ = ["CASES", "TINY_CASES", "ConvCase", "run"]
@@ -249,12 +249,7 @@ def run(
         "summary": summary,
         "wall_s": time.perf_counter() - t_start,
     }
-    table = format_table(payload)
-    log("\n" + table)
-    if out is not None:
-        path = write_json(out, payload)
-        path.with_suffix(".md").write_text(table + "\n")
-        log(f"\nwrote {path} and {path.with_suffix('.md')}")
+    publish(payload, format_table(payload), out, log)
     return payload
 
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnlayers as fl
-from fnlayers.bench._harness import environment, markdown_table, time_callable, write_json
+from fnlayers.bench._harness import environment, markdown_table, publish, time_callable
 
 __all__ = ["FRAMEWORKS", "MODELS", "TINY_MODELS", "TrainCase", "run"]
 
@@ -553,12 +553,7 @@ def run(
         "results": results,
         "wall_s": time.perf_counter() - t_start,
     }
-    table = format_table(payload)
-    log("\n" + table)
-    if out is not None:
-        path = write_json(out, payload)
-        path.with_suffix(".md").write_text(table + "\n")
-        log(f"\nwrote {path} and {path.with_suffix('.md')}")
+    publish(payload, format_table(payload), out, log)
     return payload
 
 
