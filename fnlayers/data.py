@@ -41,6 +41,7 @@ __all__ = [
     "DIGITS_SOURCE_SIZE",
     "Dataset",
     "batches",
+    "epoch_order",
     "epochs",
     "load_digits",
     "random_shift",
@@ -318,6 +319,13 @@ def random_shift(max_shift: int = 1):
     return augment
 
 
+def epoch_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of epoch ``epoch``: a permutation of ``range(num_examples)`` drawn by
+    ``np.random.default_rng((seed, epoch))``. :func:`batches` and :func:`fnlayers.train.fit`
+    both read examples in this order, so any epoch can be replayed on its own."""
+    return np.random.default_rng((seed, epoch)).permutation(num_examples)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, *, drop_last: bool) -> int:
     """Batches in one epoch: ``num_examples // batch_size``, plus one for a partial last batch
     when ``drop_last`` is False."""
@@ -432,7 +440,7 @@ def _check_batch_args(x, y, batch_size, seed, epoch, drop_last, *, fn: str):
 
 
 def _batch_iter(x, y, n, batch_size, seed, epoch, shuffle, drop_last):
-    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else None
+    order = epoch_order(n, seed=seed, epoch=epoch) if shuffle else None
     for step in range(steps_per_epoch(n, batch_size, drop_last=drop_last)):
         sl = slice(step * batch_size, (step + 1) * batch_size)
         if order is None:

@@ -33,8 +33,9 @@ import jax
 import numpy as np
 
 from fnlayers import checkpoint as _checkpoint
+from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
-from fnlayers.layers import Layer
+from fnlayers.layers import Layer, _abstract_init
 
 __all__ = [
     "History",
@@ -375,7 +376,7 @@ def fit(
     if train_state is None:
         key = jax.random.key(seed) if key is None else key
         train_state = create_train_state(model, optimizer, _input_shape(x), key)
-    _check_labels(model, train_state, x, y, num_classes, eval_data)
+    _check_labels(model, x, y, num_classes, eval_data)
 
     history, start = History(), 0
     if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
@@ -401,7 +402,7 @@ def fit(
         while it < end:
             epoch = it // steps_per_epoch
             if epoch != perm_epoch:
-                perm, perm_epoch = _permutation(seed, epoch, n), epoch
+                perm, perm_epoch = _data.epoch_order(n, seed=seed, epoch=epoch), epoch
             b = it % steps_per_epoch
             idx = perm[b * batch_size : (b + 1) * batch_size]
             xb, yb = _take(x, idx), _take(y, idx)
@@ -531,28 +532,11 @@ def _input_shape(x):
     return (-1, *np.shape(x)[1:])
 
 
-def _output_shape(model, in_shape):
-    """``model.init``'s output shape, traced abstractly: no parameter is materialised."""
-    box = []
-
-    def init(key):
-        out_shape, params, state = model.init(key, in_shape)
-        box.append(out_shape)
-        return params, state
-
-    jax.eval_shape(init, jax.random.key(0))
-    return box[0]
-
-
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def _check_labels(model, train_state, x, y, num_classes, eval_data):
+def _check_labels(model, x, y, num_classes, eval_data):
     if not all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in jax.tree.leaves(y)):
         return
     if num_classes is None:
-        out_shape = _output_shape(model, _input_shape(x))
+        out_shape, _ = _abstract_init(model, _input_shape(x))
         if not (isinstance(out_shape, tuple) and all(isinstance(d, int) for d in out_shape)):
             return
         num_classes = out_shape[-1]
