@@ -317,7 +317,8 @@ def _cols_times_matrix(cols, wm, groups):
 # _BLOCK_BYTES of columns: blocks of the batch, and blocks of output rows when one example alone
 # is larger. Both sizes were chosen by measurement on a 2-core x86 CPU with 2 MB of L2 per core
 # (docs/performance.md); below _TILE_ABOVE_BYTES the loop and the rebuilt columns cost more than
-# they save.
+# they save. On accelerators the blocks would only serialise the work, so tiling is for the CPU
+# backend alone (decided when the function is traced, from JAX's default backend).
 _BLOCK_BYTES = 4 << 20
 _TILE_ABOVE_BYTES = 16 << 20
 
@@ -330,7 +331,7 @@ def _largest_divisor(n, cap):
 def _tiling(n, oh, row_bytes):
     """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
     ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling."""
-    if n * oh * row_bytes <= _TILE_ABOVE_BYTES:
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or jax.default_backend() != "cpu":
         return oh, n
     rows = _largest_divisor(oh, _BLOCK_BYTES // row_bytes)
     windows = n * (oh // rows)

@@ -29,9 +29,12 @@ __all__ = [
     "gemm_peak",
     "geomean",
     "markdown_table",
+    "on_gpu",
     "publish",
     "time_callable",
     "time_jax",
+    "torch_device",
+    "torch_sync",
     "write_json",
 ]
 
@@ -109,6 +112,29 @@ def _time(call, compile_s, reps, warmup, min_time_s):
         call()
         times.append(time.perf_counter() - t0)
     return Timing(compile_s, first_s, times)
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default device is a GPU (then PyTorch runs on CUDA too, where it can)."""
+    return jax.devices()[0].platform == "gpu"
+
+
+def torch_device(torch) -> str:
+    """``"cuda"`` when JAX runs on a GPU and PyTorch sees one, else ``"cpu"``: the peers are
+    always measured on the same kind of device. On CUDA this also turns on cuDNN's autotuner
+    and TF32 matrix products, matching XLA's default precision for float32 on such GPUs."""
+    if on_gpu() and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return "cuda"
+    return "cpu"
+
+
+def torch_sync(torch, device: str) -> None:
+    """Waits for queued CUDA work (the PyTorch analogue of ``block_until_ready``)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def gemm_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> dict:

@@ -28,9 +28,12 @@ from fnlayers.bench._harness import (
     gemm_peak,
     geomean,
     markdown_table,
+    on_gpu,
     publish,
     time_callable,
     time_jax,
+    torch_device,
+    torch_sync,
 )
 
 __all__ = ["CASES", "TINY_CASES", "ConvCase", "run"]
@@ -130,12 +133,15 @@ def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
     """
     import torch.nn.functional as F
 
+    device = torch_device(torch)
+    if device == "cuda":  # thread counts only matter on the CPU
+        thread_counts = thread_counts[:1]
     best = None
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for fmt in ("channels_last", "nchw"):
-            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))).to(device)
             if fmt == "channels_last":
                 xt = xt.contiguous(memory_format=torch.channels_last)
                 wt = wt.contiguous(memory_format=torch.channels_last)
@@ -144,7 +150,9 @@ def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
 
                 def call(xt=xt, wt=wt, kw=kw):
                     with torch.inference_mode():
-                        return F.conv2d(xt, wt, **kw)
+                        y = F.conv2d(xt, wt, **kw)
+                    torch_sync(torch, device)
+                    return y
 
             else:
                 xt.requires_grad_(True)
@@ -157,7 +165,7 @@ def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
 
             t = time_callable(call, reps=reps, warmup=2, min_time_s=min_time_s)
             if best is None or t.median_s < best[0].median_s:
-                best = (t, {"memory_format": fmt, "threads": threads})
+                best = (t, {"memory_format": fmt, "threads": threads, "device": device})
     return best
 
 
@@ -181,7 +189,7 @@ def run(
     cases = CASES if cases is None else tuple(cases)
     reps = reps or (3 if quick else 7)
     min_time_s = 0.0 if quick else 0.5
-    gemm_n = gemm_n or (1024 if quick else 2048)
+    gemm_n = gemm_n or (8192 if on_gpu() else 1024 if quick else 2048)
     th = _torch() if torch else None
     thread_counts = [torch_threads] if torch_threads else sorted({_cores(), 1}, reverse=True)
     t_start = time.perf_counter()
@@ -278,7 +286,8 @@ def format_table(payload: dict) -> str:
         if has_torch:
             t = r["impls"].get("torch", {})
             fmt = {"channels_last": "NHWC", "nchw": "NCHW"}.get(t.get("memory_format"), "")
-            row.append(f"{fmt}, {t['threads']} thr" if "threads" in t else None)
+            cuda = t.get("device") == "cuda"
+            row.append(f"{fmt}, {t['threads']} thr" if "threads" in t and not cuda else fmt)
         rows.append(row)
     for mode, s in payload["summary"].items():
         for agg in ("geomean", "max"):

@@ -45,7 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnlayers as fl
-from fnlayers.bench._harness import environment, markdown_table, publish, time_callable
+from fnlayers.bench._harness import (
+    environment,
+    markdown_table,
+    on_gpu,
+    publish,
+    time_callable,
+    torch_device,
+)
 
 __all__ = ["FRAMEWORKS", "MODELS", "TINY_MODELS", "TrainCase", "run"]
 
@@ -281,7 +288,7 @@ def build_torch(torch, case: TrainCase, memory_format: str):
     """A zero-argument callable running one PyTorch train step (returns the loss as a float:
     that synchronises, like ``block_until_ready``). On CUDA when JAX itself runs on a GPU."""
     torch.manual_seed(0)
-    device = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
+    device = torch_device(torch)
     model = _torch_module(torch, case).train().to(device)
     x, y = _data(case)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
@@ -356,6 +363,9 @@ def time_jax_step(framework: str, case: TrainCase, reps: int, min_time_s: float)
 
 
 def time_torch_step(torch, case, reps, min_time_s, thread_counts):
+    device = torch_device(torch)
+    if device == "cuda":  # thread counts only matter on the CPU
+        thread_counts = thread_counts[:1]
     best = None
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -364,7 +374,7 @@ def time_torch_step(torch, case, reps, min_time_s, thread_counts):
                 build_torch(torch, case, fmt), reps=reps, warmup=2, min_time_s=min_time_s
             )
             if best is None or t.median_s < best[0].median_s:
-                best = (t, {"memory_format": fmt, "threads": threads})
+                best = (t, {"memory_format": fmt, "threads": threads, "device": device})
     return best
 
 
@@ -400,28 +410,43 @@ def _peak_mb() -> float:
 
 
 def _memory_probe(framework: str, case: TrainCase, torch_cfg: dict | None) -> dict:
-    """Runs in a fresh process: builds, compiles and runs 3 steps; returns the peak resident
-    set's growth over the baseline taken after the imports."""
+    """Runs in a fresh process: builds, compiles and runs 3 steps; returns the peak memory's
+    growth over the baseline taken after the imports: the resident set on a CPU, the device
+    allocator's peak bytes in use on a GPU."""
+    gpu = on_gpu()
     if framework == "torch":
         torch = _torch()
         torch.set_num_threads((torch_cfg or {}).get("threads", 1))
-        base = _rss_reset()
+        if gpu:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20 if gpu else _rss_reset()
         step = build_torch(torch, case, (torch_cfg or {}).get("memory_format", "nchw"))
         for _ in range(3):
             step()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_mb()
     else:
         if framework == "flax":
             import flax.linen  # noqa: F401
         jnp.zeros(()).block_until_ready()  # the backend's start-up memory is in the baseline
-        base = _rss_reset()
+        base = _device_mb("bytes_in_use") if gpu else _rss_reset()
         step, state = _build_jax(framework, case)
         x, y = (jnp.asarray(a) for a in _data(case))
         compiled = step.lower(state, x, y).compile()
         stepper = _Stepper(compiled, state, x, y)
         for _ in range(3):
             stepper()
-    peak = _peak_mb()
-    return {"baseline_mb": base, "peak_mb": peak, "delta_mb": peak - base}
+        peak = _device_mb("peak_bytes_in_use") if gpu else _peak_mb()
+    return {
+        "baseline_mb": base,
+        "peak_mb": peak,
+        "delta_mb": peak - base,
+        "kind": "device" if gpu else "rss",
+    }
+
+
+def _device_mb(field: str) -> float:
+    return jax.devices()[0].memory_stats()[field] / 2**20
 
 
 def measure_memory(framework: str, case: TrainCase, torch_cfg: dict | None = None, timeout=900):
@@ -543,7 +568,9 @@ def run(
         "step": {
             "loss": "softmax cross-entropy",
             "optimizer": f"SGD momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}",
-            "peak_memory_method": "peak resident set (Linux VmHWM, reset through "
+            "peak_memory_method": "GPU: the device allocator's peak bytes in use "
+            "(JAX memory_stats, torch.cuda.max_memory_allocated) over the baseline after the "
+            "imports; CPU: peak resident set (Linux VmHWM, reset through "
             "/proc/self/clear_refs after the imports) after init+compile+3 steps minus the "
             "resident set after the imports, fresh subprocess per framework and model; JAX: "
             "also the compiled step's "
@@ -558,6 +585,7 @@ def run(
 
 
 def format_table(payload: dict) -> str:
+    gpu = payload["environment"]["device"]["platform"] == "gpu"
     header = [
         "model",
         "batch",
@@ -567,7 +595,7 @@ def format_table(payload: dict) -> str:
         "vs flax",
         "vs torch",
         "compile s",
-        "peak MB (rss)",
+        "peak MB (device)" if gpu else "peak MB (rss)",
         "XLA MB",
         "config",
     ]
@@ -579,7 +607,7 @@ def format_table(payload: dict) -> str:
             cfg = ""
             if "threads" in d:
                 fmt = {"channels_last": "NHWC", "nchw": "NCHW"}[d["memory_format"]]
-                cfg = f"{fmt}, {d['threads']} thr"
+                cfg = f"{fmt}, {d['threads']} thr" if d.get("device", "cpu") == "cpu" else fmt
             rows.append(
                 [
                     r["model"],
@@ -609,7 +637,9 @@ def format_table(payload: dict) -> str:
             else ""
         )
         + f"; medians of {payload['reps']}+ steps after compile and 2 warm-up steps; "
-        "'vs' = images/s ratio in this run; peak MB = peak RSS growth in a fresh process; "
+        "'vs' = images/s ratio in this run; peak MB = peak "
+        + ("device memory" if gpu else "RSS")
+        + " growth in a fresh process; "
         f"env {env['env'] or '{}'}",
         "",
         markdown_table(header, rows),
