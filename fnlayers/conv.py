@@ -323,6 +323,11 @@ _BLOCK_BYTES = 4 << 20
 _TILE_ABOVE_BYTES = 16 << 20
 
 
+def _tile_for_cache():
+    """Whether convolutions traced now are tiled: on the CPU backend only."""
+    return jax.default_backend() == "cpu"
+
+
 def _largest_divisor(n, cap):
     """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
@@ -331,7 +336,7 @@ def _largest_divisor(n, cap):
 def _tiling(n, oh, row_bytes):
     """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
     ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling."""
-    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or jax.default_backend() != "cpu":
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not _tile_for_cache():
         return oh, n
     rows = _largest_divisor(oh, _BLOCK_BYTES // row_bytes)
     windows = n * (oh // rows)

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The references are float32/float64 loops: on GPUs whose float32 products default to TF32 the
+# tests would compare against 10-bit mantissas. (No effect on the CPU.)
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture

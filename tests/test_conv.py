@@ -473,6 +473,7 @@ def tiny_blocks(request, monkeypatch):
     output row ("rows": row windows folded into the batch) or one example ("examples")."""
 
     def tile(x_shape, w_shape, itemsize, **cfg):
+        monkeypatch.setattr(conv_module, "_tile_for_cache", lambda: True)  # on any backend
         monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 0)
         _, oh, ow, _ = fl.conv_output_shape(x_shape, w_shape, **cfg)
         row = ow * w_shape[0] * w_shape[1] * x_shape[3] * itemsize
@@ -526,6 +527,7 @@ def test_conv2d_tiled_backward_is_two_dots_and_col2im(rng, tiny_blocks):
 
 
 def test_tiling_choice(monkeypatch):
+    monkeypatch.setattr(conv_module, "_tile_for_cache", lambda: True)
     monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 100)
     monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 40)
     tiling = conv_module._tiling
@@ -535,3 +537,12 @@ def test_tiling_choice(monkeypatch):
     assert tiling(7, 4, 5) == (4, 1)  # 7 is prime: one example per block
     assert tiling(8, 6, 10) == (3, 1)  # one example is 60 bytes: windows of 3 rows
     assert tiling(3, 7, 50) == (1, 1)  # a row above the block size: one row per block
+
+
+def test_tiling_is_for_the_cpu_backend_only(monkeypatch):
+    monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 40)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert conv_module._tiling(8, 6, 10) == (3, 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert conv_module._tiling(8, 6, 10) == (6, 8)  # accelerators: one block, no scan
