@@ -321,6 +321,7 @@ def _cols_times_matrix(cols, wm, groups):
 # backend alone (decided when the function is traced, from JAX's default backend).
 _BLOCK_BYTES = 4 << 20
 _TILE_ABOVE_BYTES = 16 << 20
+_TILE_OUTPUTS_PER_STEP = 64  # the threshold is _TILE_ABOVE_BYTES per 64 outputs (per group)
 
 
 def _tile_for_cache():
@@ -333,10 +334,16 @@ def _largest_divisor(n, cap):
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
-def _tiling(n, oh, row_bytes):
+def _tiling(n, oh, row_bytes, outputs_per_group=1):
     """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
-    ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling."""
-    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not _tile_for_cache():
+    ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling.
+
+    The threshold grows with the product's work per column element: with ``outputs_per_group``
+    of 64 or more the product dominates and building the columns out of cache matters less
+    (AlexNet's conv3 and conv4, 384 and 192 outputs per group, 25-37 MB of columns at batch 16:
+    untiled, the train step ran at the same speed and compiled 0.3-0.4 s faster)."""
+    threshold = _TILE_ABOVE_BYTES * max(1, outputs_per_group // _TILE_OUTPUTS_PER_STEP)
+    if n * oh * row_bytes <= threshold or not _tile_for_cache():
         return oh, n
     rows = _largest_divisor(oh, _BLOCK_BYTES // row_bytes)
     windows = n * (oh // rows)
@@ -365,7 +372,7 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
 
     oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
     row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
-    rows, b = _tiling(n, oh, row_bytes)
+    rows, b = _tiling(n, oh, row_bytes, w.shape[3] // groups)
     if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
         return block(x, wm, padding)  # a 1x1 convolution has no columns to keep in cache
     if rows < oh:
@@ -418,19 +425,36 @@ def _pad_crop(x, low_h, high_h, low_w, high_w):
 
 # im2col. Every path returns the same matrix; which one is used depends on the geometry only:
 #   stride == kernel, no dilation   -> one reshape + transpose (space-to-depth; no overlap)
+#   16+ taps, pieces under 64 bytes -> two stages: the KW width taps of every input row are
+#                                      concatenated first (width phases when the width stride
+#                                      is > 1), then KH row slices of that
 #   width stride > 1, no w-dilation -> width phases: ceil(KW/sw) slices per kernel row
 #   otherwise                       -> KH*KW strided slices, concatenated
-# XLA:CPU builds the concatenation as one pass over materialised slices; measured against
+# XLA:CPU builds a concatenation as one pass over materialised slices; measured against
 # dynamic_update_slice chains, stack + transpose, gathers and sums of padded slices, it was the
-# fastest general construction once the blocks are in cache (docs/performance.md).
+# fastest general construction once the blocks are in cache (docs/performance.md). Its compile
+# time grows with the number of pieces (10-15 ms each on the project's CPU): two stages take
+# KW + KH pieces instead of KH*KW. They pay off at run time only when the one-stage pieces are
+# tiny (an image's 1-3 channels: 5x5 on 3 channels 0.69 -> 0.38 ms); with 32 channels they ran
+# 20% slower and with 96 channels 2x slower, so they are used for few channels alone.
+_TWO_STAGE_MIN_TAPS = 16
+_TWO_STAGE_MAX_PIECE_BYTES = 64
 
 
 def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
     n, h, w, c = x.shape
-    (ph, pw), (sh, sw), dw = padding, stride, dilation[1]
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
     if stride == kernel and dilation == (1, 1):
         return _im2col_space_to_depth(x, kernel, padding, (oh, ow))
+    piece = (sw if sw > 1 and dw == 1 else 1) * c * x.dtype.itemsize  # bytes per one-stage piece
+    if kernel[0] * kernel[1] >= _TWO_STAGE_MIN_TAPS and piece < _TWO_STAGE_MAX_PIECE_BYTES:
+        rows = _width_taps(x, kernel, stride, padding, dilation, ow)  # (N, H + 2*ph, OW, KW*C)
+        pieces = [
+            lax.slice_in_dim(rows, i * dh, i * dh + (oh - 1) * sh + 1, sh, axis=1)
+            for i in range(kernel[0])
+        ]
+        return jnp.concatenate(pieces, axis=-1)
     if sw > 1 and dw == 1 and kernel[1] > 1:
         return _im2col_width_phases(x, kernel, stride, padding, dilation, (oh, ow))
     xp = _pad_crop(x, ph, ph, pw, pw)
@@ -444,6 +468,39 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
         for h0, w0 in _offsets(kernel, dilation)
     ]
     return jnp.concatenate(pieces, axis=-1)
+
+
+def _width_taps(x, kernel, stride, padding, dilation, ow):
+    """``(N, H + 2*ph, OW, KW*C)``: for every (height-padded) input row and output column, the
+    ``KW`` width taps side by side -- the first stage of the two-stage im2col. With a width
+    stride and no width dilation the row is folded into width phases first (``_fold_width``),
+    so each piece is ``sw`` taps long."""
+    c = x.shape[3]
+    (_, kw), (ph, pw), (_, sw), (_, dw) = kernel, padding, stride, dilation
+    if sw > 1 and dw == 1:
+        xf, nq = _fold_width(x, kernel, stride, padding, ow)
+        pieces = [
+            lax.slice_in_dim(xf[..., : min(sw, kw - q * sw) * c], q, q + ow, axis=2)
+            for q in range(nq)
+        ]
+    else:
+        xp = _pad_crop(x, ph, ph, pw, pw)
+        pieces = [
+            lax.slice_in_dim(xp, j * dw, j * dw + (ow - 1) * sw + 1, sw, axis=2) for j in range(kw)
+        ]
+    return jnp.concatenate(pieces, axis=-1)
+
+
+def _fold_width(x, kernel, stride, padding, ow):
+    """The height-padded image as ``(N, H + 2*ph, WQ, sw*C)`` (a free reshape of the padded
+    image): folded column ``q`` holds pixels ``q*sw .. q*sw + sw - 1``. Returns it and the
+    number ``ceil(KW / sw)`` of folded columns one kernel row spans."""
+    n, h, w, c = x.shape
+    (_, kw), (ph, pw), (_, sw) = kernel, padding, stride
+    nq = -(-kw // sw)
+    wq = ow - 1 + nq  # folded columns read
+    xf = _pad_crop(x, ph, ph, pw, wq * sw - w - pw).reshape(n, h + 2 * ph, wq, sw * c)
+    return xf, nq
 
 
 def _im2col_space_to_depth(x, kernel, padding, out_hw):
@@ -461,21 +518,18 @@ def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
     one kernel row are ``sw * C`` contiguous values. Each kernel row then needs ``ceil(KW / sw)``
     slices instead of ``KW``, and the concatenation moves fewer, longer pieces.
     """
-    n, h, w, c = x.shape
-    (kh, kw), (ph, pw), (sh, sw), dh = kernel, padding, stride, dilation[0]
+    kh, c, (sh, sw), dh = kernel[0], x.shape[3], stride, dilation[0]
     oh, ow = out_hw
-    nq = -(-kw // sw)  # folded columns spanned by one kernel row
-    wq = ow - 1 + nq  # folded columns read
-    xf = _pad_crop(x, ph, ph, pw, wq * sw - w - pw).reshape(n, h + 2 * ph, wq, sw * c)
+    xf, nq = _fold_width(x, kernel, stride, padding, ow)
     pieces = []
     for i in range(kh):
         for q in range(nq):
-            taps = min(sw, kw - q * sw)
+            taps = min(sw, kernel[1] - q * sw)
             pieces.append(
                 lax.slice(
                     xf,
                     (0, i * dh, q, 0),
-                    (n, i * dh + (oh - 1) * sh + 1, q + ow, taps * c),
+                    (xf.shape[0], i * dh + (oh - 1) * sh + 1, q + ow, taps * c),
                     (1, sh, 1, 1),
                 )
             )

@@ -537,6 +537,9 @@ def test_tiling_choice(monkeypatch):
     assert tiling(7, 4, 5) == (4, 1)  # 7 is prime: one example per block
     assert tiling(8, 6, 10) == (3, 1)  # one example is 60 bytes: windows of 3 rows
     assert tiling(3, 7, 50) == (1, 1)  # a row above the block size: one row per block
+    assert tiling(2, 5, 20) == (1, 2)  # 200 bytes, 1 output per group: tiled
+    assert tiling(2, 5, 20, 127) == (1, 2)  # below 128 outputs per group: the same threshold
+    assert tiling(2, 5, 20, 128) == (5, 2)  # 128 per group: twice the threshold, not tiled
 
 
 def test_tiling_is_for_the_cpu_backend_only(monkeypatch):
@@ -546,3 +549,41 @@ def test_tiling_is_for_the_cpu_backend_only(monkeypatch):
     assert conv_module._tiling(8, 6, 10) == (3, 1)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert conv_module._tiling(8, 6, 10) == (6, 8)  # accelerators: one block, no scan
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [
+        (5, 1, 2, 1),  # CIFAR10-quick conv1 on an image's few channels
+        ((4, 5), (2, 1), (1, 2), (1, 2)),  # height stride, width dilation
+        (11, 4, 0, 1),  # AlexNet conv1: width phases in the first stage
+        ((5, 7), (1, 3), (2, 0), (2, 1)),  # width stride 3 with height dilation
+    ],
+)
+def test_two_stage_im2col_matches_xla(rng, monkeypatch, kernel, stride, padding, dilation):
+    calls = []
+    width_taps = conv_module._width_taps
+    monkeypatch.setattr(conv_module, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))
+    x = rng.standard_normal((2, 23, 26, 1))  # one channel: the two-stage path
+    wt = rng.standard_normal((*pair(kernel), 1, 3))
+    cfg = dict(stride=stride, padding=padding, dilation=dilation)
+    with jax.enable_x64():
+        loss = lambda x, w, impl: jnp.sum(jnp.sin(fl.conv2d(x, w, impl=impl, **cfg)))
+        got = jax.value_and_grad(loss, argnums=(0, 1))(x, wt, "im2col")
+        assert calls, "the two-stage construction was not used"
+        want = jax.value_and_grad(loss, argnums=(0, 1))(x, wt, "xla")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+        for a, b in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+        np.testing.assert_array_equal(
+            fl.im2col(x, kernel, **cfg),
+            _one_stage_im2col(monkeypatch, x, kernel, **cfg),
+        )
+
+
+def _one_stage_im2col(monkeypatch, x, kernel, *, stride, padding, dilation):
+    """The concatenation of KH*KW slices (called directly: the primitive's jit cache would
+    return the two-stage program compiled for the same shapes)."""
+    monkeypatch.setattr(conv_module, "_TWO_STAGE_MIN_TAPS", 10**9)
+    params = dict(kernel=pair(kernel), stride=pair(stride), padding=pair(padding))
+    return conv_module._im2col_impl(x, dilation=pair(dilation), image=x.shape[1:3], **params)
