@@ -28,6 +28,31 @@ def test_conv_benchmark_tiny_writes_json_and_table(tmp_path, capsys):
     assert "im2col/xla" in capsys.readouterr().out
 
 
+def test_conv_benchmark_floor_times_the_products_alone(tmp_path):
+    out = tmp_path / "conv.json"
+    args = ["conv", "--tiny", "--reps", "1", "--no-torch", "--floor", "--modes", "fwd+bwd"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    for r in json.loads(out.read_text())["results"]:
+        products = r["impls"]["products"]
+        assert products["median_ms"] > 0
+        assert r["ratios"]["im2col/xla"] > 0
+        assert "products/xla" not in r["ratios"]  # the floor is compared with PyTorch only
+
+
+def test_floor_block_shapes_follow_the_tiling(monkeypatch):
+    from fnlayers import conv as conv_module
+    from fnlayers.bench import floor
+
+    case = conv_bench.ConvCase("c", 4, 8, 8, 3, 6, 3, padding=1, groups=1)
+    assert floor.block_shapes(case) == {"m": 256, "k": 27, "o": 6, "groups": 1, "blocks": 1}
+    monkeypatch.setattr(conv_module, "_tile_for_cache", lambda: True)
+    monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 8 * 27 * 4 * 8)  # one example per block
+    assert floor.block_shapes(case) == {"m": 64, "k": 27, "o": 6, "groups": 1, "blocks": 4}
+    grouped = conv_bench.ConvCase("g", 4, 8, 8, 4, 6, 3, padding=1, groups=2)
+    assert floor.block_shapes(grouped)["k"] == 18 and floor.block_shapes(grouped)["o"] == 3
+
+
 def test_conv_benchmark_rejects_unknown_case(capsys):
     assert cli.main(["conv", "--cases", "nope", "--no-out"]) == 2
     assert "unknown case" in capsys.readouterr().err

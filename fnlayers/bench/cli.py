@@ -1,7 +1,7 @@
 """``fnlayers-bench``: command-line entry point of the benchmark suites.
 
 fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col,xla]
-                    [--no-torch] [--torch-threads N] [--reps N]
+                    [--no-torch] [--torch-threads N] [--reps N] [--floor]
 fnlayers-bench train [--quick | --tiny] [--out results.json] [--models a,b]
                      [--frameworks fnlayers,fnlayers-xla,flax,torch] [--batch NAME=N]
                      [--no-memory | --memory] [--torch-threads N] [--reps N]
@@ -49,6 +49,7 @@ def _conv(args) -> int:
         torch_threads=args.torch_threads,
         reps=args.reps,
         gemm_n=256 if args.tiny else None,
+        floor=args.floor,
         out=out,
     )
     return 0
@@ -109,6 +110,11 @@ def main(argv=None) -> int:
         "--torch-threads", type=int, help="PyTorch threads (default: best of all cores and 1)"
     )
     c.add_argument("--reps", type=int, help="timed repetitions per case")
+    c.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the matrix products alone (jnp and torch.matmul) at im2col's blocks",
+    )
     c.set_defaults(func=_conv)
 
     t = sub.add_parser("train", help="images/s of a full train step: fnlayers vs Flax vs PyTorch")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnlayers as fl
+from fnlayers.bench import floor as floor_
 from fnlayers.bench._harness import (
     environment,
     gemm_peak,
@@ -179,12 +180,15 @@ def run(
     torch_threads: int | None = None,
     reps: int | None = None,
     gemm_n: int | None = None,
+    floor: bool = False,
     out: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> dict:
     """Runs the suite; returns (and, with ``out``, writes as JSON plus a ``.md`` table) the
     results. ``quick`` uses 3 repetitions and a 1024³ GEMM peak. PyTorch runs with
     ``torch_threads`` threads (default: the faster of all cores and one thread, per case).
+    ``floor`` also times the matrix products alone (``fnlayers.bench.floor``) with ``jnp`` and,
+    where importable, ``torch.matmul``: what an im2col convolution costs with free columns.
     """
     cases = CASES if cases is None else tuple(cases)
     reps = reps or (3 if quick else 7)
@@ -218,6 +222,17 @@ def run(
             if th is not None:
                 t, cfg = _time_torch(th, case, x, w, mode, reps, min_time_s, thread_counts)
                 row["impls"]["torch"] = t.as_dict() | {"gflops": nflops / t.median_s / 1e9} | cfg
+            if floor:
+                t, shape = floor_.time_products_jax(case, mode, reps=reps, min_time_s=min_time_s)
+                gf = {"gflops": nflops / t.median_s / 1e9, "blocks": shape}
+                row["impls"]["products"] = t.as_dict() | gf
+                if th is not None:
+                    threads = row["impls"]["torch"]["threads"]
+                    t = floor_.time_products_torch(
+                        th, case, mode, reps=reps, min_time_s=min_time_s, threads=threads
+                    )
+                    gf = {"gflops": nflops / t.median_s / 1e9, "threads": threads}
+                    row["impls"]["torch-products"] = t.as_dict() | gf
             ms = {k: v["median_ms"] for k, v in row["impls"].items()}
             for v in row["impls"].values():
                 v["pct_peak"] = 100.0 * v["gflops"] / peak["gflops"]
@@ -225,7 +240,11 @@ def run(
                 f"{a}/{b}": ms[a] / ms[b]
                 for a in ms
                 for b in ("xla", "torch")
-                if a != b and a in ms and b in ms and not (a == "xla" and b == "torch")
+                if a != b
+                and a in ms
+                and b in ms
+                and not (a == "xla" and b == "torch")
+                and not (a.endswith("products") and b == "xla")
             }
             results.append(row)
             log(
@@ -244,7 +263,7 @@ def run(
             f"max {k}": max((r["ratios"][k] for r in rows if k in r["ratios"]), default=None)
             for k in keys
         }
-    extra = {"torch": None}
+    extra = {"torch": None, "floor": floor}
     if th is not None:
         extra["torch"] = {"version": th.__version__, "threads_tried": thread_counts}
     payload = {

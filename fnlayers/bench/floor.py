@@ -1,0 +1,98 @@
+"""The matrix products alone: a floor under any im2col + GEMM convolution.
+
+For one conv case this times only the products that ``conv2d(impl="im2col")`` runs, at the
+block shapes it runs them (``fnlayers.conv``'s tiling), with no columns built: the forward
+product ``cols · W`` and, for forward+backward, also ``dYᵀ · cols`` and ``dY · Wᵀ``. Random
+operands of those shapes stand in for the real ones; the time of one block is multiplied by the
+number of blocks. The same products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where
+PyTorch is importable.
+
+If these products alone take longer than PyTorch's whole layer, no column construction can make
+im2col + GEMM match it on that machine: the products are the part of the method that is left
+when the columns cost nothing.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from fnlayers import conv as _conv
+from fnlayers.bench._harness import time_callable, time_jax, torch_device, torch_sync
+
+__all__ = ["block_shapes", "time_products_jax", "time_products_torch"]
+
+
+def block_shapes(case) -> dict:
+    """``{"m", "k", "o", "groups", "blocks"}``: each block's column rows ``m``, the product's
+    depth ``k`` and outputs ``o`` per group, and how many blocks one call runs."""
+    oh, ow = case.out_hw
+    k = case.kernel * case.kernel * case.c_in  # all groups' columns
+    row_bytes = ow * k * 4
+    o_g = case.c_out // case.groups
+    if _conv._is_1x1((case.kernel,) * 2, (case.stride,) * 2, (case.padding,) * 2):
+        rows, b = oh, case.n
+    else:
+        rows, b = _conv._tiling(case.n, oh, row_bytes, o_g)
+    windows = case.n * (oh // rows)
+    return {
+        "m": b * rows * ow,
+        "k": k // case.groups,
+        "o": o_g,
+        "groups": case.groups,
+        "blocks": windows // b,
+    }
+
+
+def _operands(shape, mode, seed=0):
+    r = np.random.default_rng(seed)
+    g, m, k, o = shape["groups"], shape["m"], shape["k"], shape["o"]
+    cols = r.standard_normal((g, m, k)).astype(np.float32)
+    w = r.standard_normal((g, k, o)).astype(np.float32)
+    dy = r.standard_normal((g, m, o)).astype(np.float32)
+    return (cols, w) if mode == "fwd" else (cols, w, dy)
+
+
+def time_products_jax(case, mode, *, reps, min_time_s):
+    """``Timing`` of one call's products with ``jnp`` (batched over groups) on JAX's device."""
+    shape = block_shapes(case)
+    ops = [jnp.asarray(a) for a in _operands(shape, mode)]
+
+    def products(cols, w, dy=None):
+        y = jnp.einsum("gmk,gko->gmo", cols, w)
+        if dy is None:
+            return y
+        dw = jnp.einsum("gmo,gmk->gok", dy, cols)  # dYᵀ·cols, as conv2d computes it
+        dcols = jnp.einsum("gmo,gko->gmk", dy, w)
+        return y, dw, dcols
+
+    t = time_jax(products, *ops, reps=reps, warmup=2, min_time_s=min_time_s)
+    return _scaled(t, shape["blocks"]), shape
+
+
+def time_products_torch(torch, case, mode, *, reps, min_time_s, threads):
+    """The same products with ``torch.matmul`` (``threads`` threads on the CPU)."""
+    shape = block_shapes(case)
+    device = torch_device(torch)
+    torch.set_num_threads(threads)
+    ops = [torch.from_numpy(a).to(device) for a in _operands(shape, mode)]
+
+    def call():
+        with torch.inference_mode():
+            cols, w = ops[0], ops[1]
+            out = [torch.matmul(cols, w)]
+            if mode != "fwd":
+                dy = ops[2]
+                out.append(torch.matmul(dy.transpose(1, 2), cols))
+                out.append(torch.matmul(dy, w.transpose(1, 2)))
+        torch_sync(torch, device)
+        return out
+
+    t = time_callable(call, reps=reps, warmup=2, min_time_s=min_time_s)
+    return _scaled(t, shape["blocks"])
+
+
+def _scaled(timing, blocks):
+    timing.times_s = [blocks * s for s in timing.times_s]
+    timing.first_s *= blocks
+    return timing
