@@ -98,3 +98,16 @@ def test_train_benchmark_memory_probe_subprocess():
     probe = train_bench.measure_memory("fnlayers", train_bench.TINY_MODELS[0])
     assert "error" not in probe, probe
     assert probe["peak_mb"] >= probe["baseline_mb"] > 0
+
+
+def test_floor_step_script_times_products_of_the_blocks():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "floor_step.py"
+    spec = importlib.util.spec_from_file_location("floor_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    case = conv_bench.ConvCase("c", 2, 6, 6, 3, 4, 3, padding=1)
+    seconds, shape = module._jax_products(case, True, reps=1)
+    assert seconds > 0 and shape == {"m": 72, "k": 27, "o": 4, "groups": 1, "blocks": 1}
