@@ -321,7 +321,6 @@ def _cols_times_matrix(cols, wm, groups):
 # backend alone (decided when the function is traced, from JAX's default backend).
 _BLOCK_BYTES = 4 << 20
 _TILE_ABOVE_BYTES = 16 << 20
-_TILE_OUTPUTS_PER_STEP = 64  # the threshold is _TILE_ABOVE_BYTES per 64 outputs (per group)
 
 
 def _tile_for_cache():
@@ -334,16 +333,10 @@ def _largest_divisor(n, cap):
     return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
 
 
-def _tiling(n, oh, row_bytes, outputs_per_group=1):
+def _tiling(n, oh, row_bytes):
     """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
-    ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling.
-
-    The threshold grows with the product's work per column element: with ``outputs_per_group``
-    of 64 or more the product dominates and building the columns out of cache matters less
-    (AlexNet's conv3 and conv4, 384 and 192 outputs per group, 25-37 MB of columns at batch 16:
-    untiled, the train step ran at the same speed and compiled 0.3-0.4 s faster)."""
-    threshold = _TILE_ABOVE_BYTES * max(1, outputs_per_group // _TILE_OUTPUTS_PER_STEP)
-    if n * oh * row_bytes <= threshold or not _tile_for_cache():
+    ``oh`` output rows with ``row_bytes`` of columns each; ``(oh, n)`` means no tiling."""
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not _tile_for_cache():
         return oh, n
     rows = _largest_divisor(oh, _BLOCK_BYTES // row_bytes)
     windows = n * (oh // rows)
@@ -372,7 +365,7 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
 
     oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
     row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
-    rows, b = _tiling(n, oh, row_bytes, w.shape[3] // groups)
+    rows, b = _tiling(n, oh, row_bytes)
     if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
         return block(x, wm, padding)  # a 1x1 convolution has no columns to keep in cache
     if rows < oh:

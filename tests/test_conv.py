@@ -537,9 +537,6 @@ def test_tiling_choice(monkeypatch):
     assert tiling(7, 4, 5) == (4, 1)  # 7 is prime: one example per block
     assert tiling(8, 6, 10) == (3, 1)  # one example is 60 bytes: windows of 3 rows
     assert tiling(3, 7, 50) == (1, 1)  # a row above the block size: one row per block
-    assert tiling(2, 5, 20) == (1, 2)  # 200 bytes, 1 output per group: tiled
-    assert tiling(2, 5, 20, 127) == (1, 2)  # below 128 outputs per group: the same threshold
-    assert tiling(2, 5, 20, 128) == (5, 2)  # 128 per group: twice the threshold, not tiled
 
 
 def test_tiling_is_for_the_cpu_backend_only(monkeypatch):

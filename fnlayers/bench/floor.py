@@ -33,7 +33,7 @@ def block_shapes(case) -> dict:
     if _conv._is_1x1((case.kernel,) * 2, (case.stride,) * 2, (case.padding,) * 2):
         rows, b = oh, case.n
     else:
-        rows, b = _conv._tiling(case.n, oh, row_bytes, o_g)
+        rows, b = _conv._tiling(case.n, oh, row_bytes)
     windows = case.n * (oh // rows)
     return {
         "m": b * rows * ow,
