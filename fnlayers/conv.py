@@ -291,24 +291,43 @@ def _add_bias(y, b, fn):
 def _weight_matrix(w, groups):
     """The weight as the product wants it: ``(C_out, KH*KW*C)`` for ``groups == 1`` (contracted
     on its last axis, so that dW comes out of the backward pass as ``dYᵀ·cols``, which XLA:CPU runs
-    ~1.4x faster than ``colsᵀ·dY``); ``(KH*KW, C/G, G, O/G)`` otherwise."""
+    ~1.4x faster than ``colsᵀ·dY``); ``(G, C_out/G, KH*KW*C/G)`` otherwise, one such matrix per
+    group."""
     kh, kw, c_g, c_out = w.shape
     if groups == 1:
         return w.reshape(kh * kw * c_g, c_out).T
-    return w.reshape(kh * kw, c_g, groups, c_out // groups)
+    wm = w.reshape(kh * kw * c_g, groups, c_out // groups)
+    return wm.transpose(1, 2, 0)
 
 
-def _cols_times_matrix(cols, wm, groups):
-    """``(N, OH, OW, KH*KW*C) x _weight_matrix(w) -> (N, OH, OW, O)``, block-diagonal in groups."""
-    acc = _acc_dtype(cols.dtype)
+def _group_major(x, groups):
+    """``(N, H, W, C) -> (G, N, H, W, C/G)`` (unchanged for ``groups == 1``)."""
     if groups == 1:
-        y = lax.dot_general(cols, wm, (((3,), (1,)), ((), ())), preferred_element_type=acc)
-        return y.astype(cols.dtype)
-    n, oh, ow = cols.shape[:3]
-    kk, c_g, _, o_g = wm.shape
-    cg = cols.reshape(n, oh, ow, kk, groups, c_g)
-    y = jnp.einsum("nhwkgc,kcgo->nhwgo", cg, wm, preferred_element_type=acc)
-    return y.astype(cols.dtype).reshape(n, oh, ow, groups * o_g)
+        return x
+    n, h, w, c = x.shape
+    return x.reshape(n, h, w, groups, c // groups).transpose(3, 0, 1, 2, 4)
+
+
+def _conv_block(x, wm, kernel, stride, padding, dilation, groups):
+    """``im2col`` of ``x`` times ``_weight_matrix(w, groups)``: ``(N, OH, OW, C_out)``.
+
+    With groups, ``x`` comes group-major, ``(G, N, H, W, C/G)`` (``_group_major``: a copy of the
+    image, not of its KH*KW times larger columns, made once outside the block loop), so that one
+    ``im2col`` yields each group's columns contiguously and each group's product is an ordinary
+    matrix product. Forming the columns of all channels and splitting them by group makes XLA
+    transpose the whole column matrix to bring the group axis forward (AlexNet conv4 at batch 16:
+    forward 38 ms with that transpose, 25 ms without).
+    """
+    acc = _acc_dtype(x.dtype)
+    dims = (((3,), (1,)), ((), ()))
+    if groups == 1:
+        cols = _im2col(x, kernel, stride, padding, dilation)
+        return lax.dot_general(cols, wm, dims, preferred_element_type=acc).astype(x.dtype)
+    g, n = x.shape[:2]
+    cols = _im2col(x.reshape(g * n, *x.shape[2:]), kernel, stride, padding, dilation)
+    cols = cols.reshape(g, n, *cols.shape[1:])
+    ys = [lax.dot_general(cols[i], wm[i], dims, preferred_element_type=acc) for i in range(g)]
+    return jnp.concatenate(ys, axis=-1).astype(x.dtype)
 
 
 # Tiling of the column matrix. A layer's whole column matrix is tens to hundreds of MB; built in
@@ -361,13 +380,14 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
     wm = _weight_matrix(w, groups)
 
     def block(xb, wm, padding):
-        return _cols_times_matrix(_im2col(xb, kernel, stride, padding, dilation), wm, groups)
+        return _conv_block(xb, wm, kernel, stride, padding, dilation, groups)
 
     oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
     row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
     rows, b = _tiling(n, oh, row_bytes)
     if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
-        return block(x, wm, padding)  # a 1x1 convolution has no columns to keep in cache
+        # A 1x1 convolution has no columns to keep in cache.
+        return block(_group_major(x, groups), wm, padding)
     if rows < oh:
         # Windows of `rows` output rows: input rows [r*rows*sh, r*rows*sh + span) of the
         # height-padded image, stacked along the batch; each is then convolved without height
@@ -382,7 +402,10 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
         padding = (0, pw)
     nb = x.shape[0] // b
     body = jax.checkpoint(lambda carry, xb: (carry, block(xb, wm, padding)), prevent_cse=False)
-    _, y = lax.scan(body, None, x.reshape(nb, b, *x.shape[1:]))
+    xs = x.reshape(nb, b, *x.shape[1:])
+    if groups > 1:  # blocks of (G, b, H, W, C/G), the group transpose done once for all blocks
+        xs = jax.vmap(_group_major, in_axes=(0, None), out_axes=0)(xs, groups)
+    _, y = lax.scan(body, None, xs)
     return y.reshape(n, oh, ow, y.shape[-1])
 
 
