@@ -406,7 +406,7 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
     body = jax.checkpoint(lambda carry, xb: (carry, block(xb, wm, padding)), prevent_cse=False)
     xs = x.reshape(nb, b, *x.shape[1:])
     if groups > 1:  # blocks of (G, b, H, W, C/G), the group transpose done once for all blocks
-        xs = jax.vmap(_group_major, in_axes=(0, None), out_axes=0)(xs, groups)
+        xs = xs.reshape(*xs.shape[:4], groups, -1).transpose(0, 4, 1, 2, 3, 5)
     _, y = lax.scan(body, None, xs)
     return y.reshape(n, oh, ow, y.shape[-1])
 
