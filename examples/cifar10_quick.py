@@ -170,11 +170,8 @@ def main():
     try:
         history.plot(os.path.join(args.out, "curves.png"), title=f"cifar10_quick on {source}")
         plotted = "curves.png, "
-    except ImportError:
-        print(
-            "matplotlib is not installed, so no plot is written "
-            "(pip install 'fnlayers[examples]' or pip install matplotlib)"
-        )
+    except ImportError as e:  # matplotlib is optional; the message says how to install it
+        print(e)
         plotted = ""
     its, losses = history.column("loss")
     _, accs = history.column("accuracy")

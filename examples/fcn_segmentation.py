@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 import fnlayers as fl
+from fnlayers._plot import pyplot_or_none
 
 CLASSES = ("background", "rectangle", "disc", "triangle")
 SIZE = 32
@@ -83,22 +84,6 @@ def iou_per_class(conf):
     union = conf.sum(axis=0) + conf.sum(axis=1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / union, np.nan)
-
-
-def pyplot_or_none():
-    """matplotlib.pyplot with the Agg backend, or None (with a message) when not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(
-            "matplotlib is not installed, so no plot is written "
-            "(pip install 'fnlayers[examples]' or pip install matplotlib)"
-        )
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_examples(path, images, truth, pred):

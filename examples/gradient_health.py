@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fnlayers as fl
-from fnlayers import diagnostics, losses, optim, schedules, train
+from fnlayers import _plot, diagnostics, losses, optim, schedules, train
 
 EXPERIMENTS = ("depth", "bad_init", "batch_norm", "dropout", "momentum", "policies", "overhead")
 
@@ -693,17 +693,8 @@ def table(header, rows):
         )
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_profiles(profiles, path):
-    plt = _plt()
+    plt = _plot.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, which, title in ((axes[0], 0, "at initialisation"), (axes[1], 1, "after training")):
         for label, pair in profiles.items():
@@ -721,7 +712,7 @@ def plot_profiles(profiles, path):
 
 
 def plot_bad_init(curves, path):
-    plt = _plt()
+    plt = _plot.pyplot()
     fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(8.5, 3.2))
     for label, (its, loss, grad_max) in curves.items():
         loss = [v if math.isfinite(v) else math.nan for v in loss]
@@ -741,7 +732,7 @@ def plot_bad_init(curves, path):
 
 
 def plot_accuracy(curves, path, *, title, target=None):
-    plt = _plt()
+    plt = _plot.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for label, (its, acc) in curves.items():
         ax.plot(its, acc, marker="o", ms=2, label=label)

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 import fnlayers as fl
+from fnlayers._plot import pyplot_or_none
 
 
 def make_pairs(labels, num_pairs, rng):
@@ -81,22 +82,6 @@ def separation(train_emb, train_y, test_emb, test_y):
     within = pairwise[same & off_diagonal].mean()
     between = pairwise[~same].mean()
     return accuracy, float(between / within), centroids
-
-
-def pyplot_or_none():
-    """matplotlib.pyplot with the Agg backend, or None (with a message) when not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(
-            "matplotlib is not installed, so no plot is written "
-            "(pip install 'fnlayers[examples]' or pip install matplotlib)"
-        )
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_embedding(path, test_emb, test_y, centroids, title):

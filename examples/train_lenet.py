@@ -71,7 +71,8 @@ def main():
     try:
         history.plot(os.path.join(args.out, "curves.png"), title="LeNet on digits, Caffe recipe")
         plotted = "curves.png, "
-    except ImportError:
+    except ImportError as e:  # matplotlib is optional; the message says how to install it
+        print(e)
         plotted = ""
     print("epoch  test_loss  test_accuracy")
     for r in history.records:

@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fnlayers import _plot
 from fnlayers.layers import Layer, missing_key_error
 
 __all__ = [
@@ -602,10 +603,7 @@ def plot_grad_norms(
     names = list(layers) if layers is not None else found
     if not names:
         raise ValueError(f"plot_grad_norms: no record has an entry starting with {prefix!r}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plot.pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     cmap = plt.get_cmap("viridis")

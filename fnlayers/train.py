@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from fnlayers import _plot
 from fnlayers import checkpoint as _checkpoint
 from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
@@ -252,10 +253,7 @@ class History:
 
     def plot(self, path, *, title: str = "") -> None:
         """Saves loss and accuracy curves as a PNG (needs matplotlib, the ``examples`` extra)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _plot.pyplot()
 
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
         for name, ax in (("loss", ax_loss), ("test_loss", ax_loss)):
