@@ -447,6 +447,8 @@ def _pad_crop(x, low_h, high_h, low_w, high_w):
 #                                      concatenated first (width phases when the width stride
 #                                      is > 1), then KH row slices of that
 #   width stride > 1, no w-dilation -> width phases: ceil(KW/sw) slices per kernel row
+#   stride 1, pieces of 512+ bytes  -> on the CPU: a loop over the KH kernel rows, writing each
+#                                      row's KW taps in place (_im2col_row_loop)
 #   otherwise                       -> KH*KW strided slices, concatenated
 # XLA:CPU builds a concatenation as one pass over materialised slices; measured against
 # dynamic_update_slice chains, stack + transpose, gathers and sums of padded slices, it was the
@@ -457,9 +459,39 @@ def _pad_crop(x, low_h, high_h, low_w, high_w):
 # 20% slower and with 96 channels 2x slower, so they are used for few channels alone.
 _TWO_STAGE_MIN_TAPS = 16
 _TWO_STAGE_MAX_PIECE_BYTES = 64
+# The row loop compiles one loop body of KW in-place writes instead of KH*KW concatenated slices
+# (AlexNet conv3, forward+backward: 0.40-0.45 -> 0.27-0.33 s), but XLA has to zero the column
+# buffer before the loop writes it. With pieces of 512 bytes or more (128+ float32 channels per
+# group) the layers ran within 0-3% of the concatenation; with 192 bytes (AlexNet conv2: 48
+# channels per group) 10% slower and with 128 bytes 40-50% slower, so those keep the
+# concatenation. CPU only: it was measured there alone (docs/performance.md).
+_ROW_LOOP_MIN_PIECE_BYTES = 512
 
 
-def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
+def _row_loop_pays(kernel, stride, piece_bytes):
+    return stride == (1, 1) and kernel[0] > 1 and piece_bytes >= _ROW_LOOP_MIN_PIECE_BYTES
+
+
+def _im2col_row_loop(xp, kernel, dilation, out_hw):
+    """Stride-1 im2col of the padded image ``xp`` as a ``fori_loop`` over the ``KH`` kernel rows:
+    iteration ``i`` writes taps ``(i, 0..KW-1)`` into the columns in place, laid out as
+    ``(N, OH, OW, KH, KW*C)`` so that the loop index addresses a major axis (a dynamic offset on
+    the minor axis ran slower)."""
+    n, c = xp.shape[0], xp.shape[3]
+    (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
+
+    def write_row(i, cols):
+        rows = lax.dynamic_slice_in_dim(xp, i * dh, oh, axis=1)
+        for j in range(kw):
+            tap = lax.slice_in_dim(rows, j * dw, j * dw + ow, axis=2)
+            cols = lax.dynamic_update_slice(cols, tap[:, :, :, None, :], (0, 0, 0, i, j * c))
+        return cols
+
+    cols = jnp.zeros((n, oh, ow, kh, kw * c), xp.dtype)
+    return lax.fori_loop(0, kh, write_row, cols).reshape(n, oh, ow, kh * kw * c)
+
+
+def _im2col_impl(x, *, kernel, stride, padding, dilation, image, row_loop=False):
     n, h, w, c = x.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
@@ -476,6 +508,8 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image):
     if sw > 1 and dw == 1 and kernel[1] > 1:
         return _im2col_width_phases(x, kernel, stride, padding, dilation, (oh, ow))
     xp = _pad_crop(x, ph, ph, pw, pw)
+    if row_loop and _row_loop_pays(kernel, stride, c * x.dtype.itemsize):
+        return _im2col_row_loop(xp, kernel, dilation, (oh, ow))
     pieces = [
         lax.slice(
             xp,
@@ -644,17 +678,28 @@ def _batch_rule(prim):
     return rule
 
 
-def _define(name, impl, abstract):
+def _define(name, impl, abstract, cpu_impl=None):
+    """A primitive lowered as ``impl`` (as ``cpu_impl`` on the CPU when given); eager calls go
+    through ``jit`` of the primitive itself, so they take the same lowering."""
     prim = Primitive(name)
     static = ("kernel", "stride", "padding", "dilation", "image")
-    prim.def_impl(functools.partial(jax.jit, static_argnames=static)(impl))
+    prim.def_impl(jax.jit(lambda x, **params: prim.bind(x, **params), static_argnames=static))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+    if cpu_impl is not None:
+        mlir.register_lowering(
+            prim, mlir.lower_fun(cpu_impl, multiple_results=False), platform="cpu"
+        )
     batching.primitive_batchers[prim] = _batch_rule(prim)
     return prim
 
 
-im2col_p = _define("fnlayers_im2col", _im2col_impl, _im2col_abstract)
+im2col_p = _define(
+    "fnlayers_im2col",
+    _im2col_impl,
+    _im2col_abstract,
+    cpu_impl=functools.partial(_im2col_impl, row_loop=True),
+)
 col2im_p = _define("fnlayers_col2im", _col2im_impl, _col2im_abstract)
 ad.deflinear2(im2col_p, lambda ct, x, **params: [col2im_p.bind(ct, **params)])
 ad.deflinear2(col2im_p, lambda ct, cols, **params: [im2col_p.bind(ct, **params)])

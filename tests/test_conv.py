@@ -584,3 +584,44 @@ def _one_stage_im2col(monkeypatch, x, kernel, *, stride, padding, dilation):
     monkeypatch.setattr(conv_module, "_TWO_STAGE_MIN_TAPS", 10**9)
     params = dict(kernel=pair(kernel), stride=pair(stride), padding=pair(padding))
     return conv_module._im2col_impl(x, dilation=pair(dilation), image=x.shape[1:3], **params)
+
+
+@pytest.mark.parametrize(
+    "kernel, padding, dilation, channels",
+    [
+        (3, 1, 1, 128),  # a 3x3 layer of 128 channels: 512-byte pieces in float32
+        ((2, 5), (0, 2), (2, 1), 64),  # float64, 64 channels: 512 bytes
+    ],
+)
+def test_row_loop_im2col_matches_the_concatenation(rng, kernel, padding, dilation, channels):
+    x = rng.standard_normal((2, 9, 10, channels))
+    wt = rng.standard_normal((*pair(kernel), channels, 3))
+    cfg = dict(padding=padding, dilation=dilation)
+    with jax.enable_x64():
+        dtype = jnp.float64 if channels == 64 else jnp.float32
+        xd, wd = jnp.asarray(x, dtype), jnp.asarray(wt, dtype)
+        params = dict(
+            kernel=pair(kernel), stride=(1, 1), padding=pair(padding), dilation=pair(dilation)
+        )
+        hlo = jax.jit(lambda x: fl.im2col(x, kernel, **cfg)).lower(xd).as_text()
+        assert "while" in hlo, "the row loop was not used"
+        np.testing.assert_array_equal(
+            fl.im2col(xd, kernel, **cfg),
+            conv_module._im2col_impl(xd, image=x.shape[1:3], **params),  # concatenation
+        )
+        loss = lambda x, w, impl: jnp.sum(jnp.sin(fl.conv2d(x, w, impl=impl, **cfg)))
+        got = jax.grad(loss, argnums=(0, 1))(xd, wd, "im2col")
+        want = jax.grad(loss, argnums=(0, 1))(xd, wd, "xla")
+        tol = dict(rtol=1e-9, atol=1e-10) if channels == 64 else dict(rtol=2e-4, atol=2e-4)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, **tol)
+
+
+def test_row_loop_is_for_the_cpu_and_wide_channels_only():
+    f = jax.jit(lambda x: fl.im2col(x, 3, padding=1))
+    wide, narrow = jnp.ones((1, 6, 6, 128)), jnp.ones((1, 6, 6, 32))
+    assert "while" in f.trace(wide).lower(lowering_platforms=("cpu",)).as_text()
+    assert "while" not in f.trace(wide).lower(lowering_platforms=("cuda",)).as_text()
+    assert "while" not in f.trace(narrow).lower(lowering_platforms=("cpu",)).as_text()
+    strided = jax.jit(lambda x: fl.im2col(x, 3, stride=2, padding=1))
+    assert "while" not in strided.trace(wide).lower(lowering_platforms=("cpu",)).as_text()
