@@ -44,7 +44,7 @@ for part in $parts; do
         | tee "$out/train-big.log" ;;
     tests)
       # The test suite pins float32 products to full precision (tests/conftest.py).
-      timeout 270 $py -m pytest -q --tb=short -rfE > "$out/pytest.log" 2>&1
+      timeout 300 $py -m pytest -q --tb=short -rfE > "$out/pytest.log" 2>&1
       tail -40 "$out/pytest.log" ;;
     *) echo "unknown part: $part" >&2 ;;
   esac
