@@ -597,13 +597,15 @@ def test_row_loop_im2col_matches_the_concatenation(rng, kernel, padding, dilatio
     x = rng.standard_normal((2, 9, 10, channels))
     wt = rng.standard_normal((*pair(kernel), channels, 3))
     cfg = dict(padding=padding, dilation=dilation)
-    with jax.enable_x64():
+    # The row loop is the CPU's lowering: on a machine with a GPU too, this runs on its CPU.
+    with jax.enable_x64(), jax.default_device(jax.devices("cpu")[0]):
         dtype = jnp.float64 if channels == 64 else jnp.float32
         xd, wd = jnp.asarray(x, dtype), jnp.asarray(wt, dtype)
         params = dict(
             kernel=pair(kernel), stride=(1, 1), padding=pair(padding), dilation=pair(dilation)
         )
-        hlo = jax.jit(lambda x: fl.im2col(x, kernel, **cfg)).lower(xd).as_text()
+        traced = jax.jit(lambda x: fl.im2col(x, kernel, **cfg)).trace(xd)
+        hlo = traced.lower(lowering_platforms=("cpu",)).as_text()
         assert "while" in hlo, "the row loop was not used"
         np.testing.assert_array_equal(
             fl.im2col(xd, kernel, **cfg),
