@@ -308,7 +308,7 @@ def _group_major(x, groups):
     return x.reshape(n, h, w, groups, c // groups).transpose(3, 0, 1, 2, 4)
 
 
-def _conv_block(x, wm, kernel, stride, padding, dilation, groups):
+def _conv_block(x, wm, kernel, stride, padding, dilation, groups, col2im_form):
     """``im2col`` of ``x`` times ``_weight_matrix(w, groups)``: ``(N, OH, OW, C_out)``.
 
     With groups, ``x`` comes group-major, ``(G, N, H, W, C/G)`` (``_group_major``: a copy of the
@@ -320,11 +320,12 @@ def _conv_block(x, wm, kernel, stride, padding, dilation, groups):
     """
     acc = _acc_dtype(x.dtype)
     if groups == 1:
-        cols = _im2col(x, kernel, stride, padding, dilation)
+        cols = _im2col(x, kernel, stride, padding, dilation, col2im_form)
         y = lax.dot_general(cols, wm, (((3,), (1,)), ((), ())), preferred_element_type=acc)
         return y.astype(x.dtype)
     g, n = x.shape[:2]
-    cols = _im2col(x.reshape(g * n, *x.shape[2:]), kernel, stride, padding, dilation)
+    xg = x.reshape(g * n, *x.shape[2:])
+    cols = _im2col(xg, kernel, stride, padding, dilation, col2im_form)
     _, oh, ow, k_g = cols.shape
     cols = cols.reshape(g, n * oh * ow, k_g)
     y = lax.dot_general(cols, wm, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
@@ -381,15 +382,17 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
     # the product's own layout and the transpose back to HWIO happens once.
     wm = _weight_matrix(w, groups)
 
-    def block(xb, wm, padding):
-        return _conv_block(xb, wm, kernel, stride, padding, dilation, groups)
+    def block(xb, wm, padding, col2im_form="sum"):
+        return _conv_block(xb, wm, kernel, stride, padding, dilation, groups, col2im_form)
 
     oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
     row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
     rows, b = _tiling(n, oh, row_bytes)
     if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
-        # A 1x1 convolution has no columns to keep in cache.
-        return block(_group_major(x, groups), wm, padding)
+        # A 1x1 convolution has no columns to keep in cache. Untiled, the backward's col2im is
+        # the loop form (see the col2im notes below); in the blocks below the scan materialises
+        # it anyway.
+        return block(_group_major(x, groups), wm, padding, "loop")
     if rows < oh:
         # Windows of `rows` output rows: input rows [r*rows*sh, r*rows*sh + span) of the
         # height-padded image, stacked along the batch; each is then convolved without height
@@ -415,19 +418,31 @@ def _is_1x1(kernel, stride, padding):
     return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
-def _im2col(x, kernel, stride, padding, dilation):
+def _im2col(x, kernel, stride, padding, dilation, col2im_form="sum"):
     if _is_1x1(kernel, stride, padding):
         return x  # Caffe's is_1x1 fast path: the columns are the image itself
     return im2col_p.bind(
-        x, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=x.shape[1:3]
+        x,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        image=x.shape[1:3],
+        col2im_form=col2im_form,
     )
 
 
-def _col2im(cols, image, kernel, stride, padding, dilation):
+def _col2im(cols, image, kernel, stride, padding, dilation, col2im_form="sum"):
     if _is_1x1(kernel, stride, padding):
         return cols
     return col2im_p.bind(
-        cols, kernel=kernel, stride=stride, padding=padding, dilation=dilation, image=tuple(image)
+        cols,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        image=tuple(image),
+        col2im_form=col2im_form,
     )
 
 
@@ -491,7 +506,7 @@ def _im2col_row_loop(xp, kernel, dilation, out_hw):
     return lax.fori_loop(0, kh, write_row, cols).reshape(n, oh, ow, kh * kw * c)
 
 
-def _im2col_impl(x, *, kernel, stride, padding, dilation, image, row_loop=False):
+def _im2col_impl(x, *, kernel, stride, padding, dilation, image, col2im_form="sum", row_loop=False):
     n, h, w, c = x.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
@@ -591,14 +606,30 @@ def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
 # col2im: the adjoint of each im2col path.
 #   stride == kernel, no dilation -> one transpose + reshape (depth-to-space)
 #   stride > 1                    -> by stride phase: dense sums of shifted slices, interleaved
+#   stride 1, form "loop", CPU    -> a loop over the KH kernel rows, each adding its KW shifted
+#                                    slices into the image in place (_col2im_row_loop)
 #   stride 1                      -> sum of KH*KW shifted slices (one fused loop)
+# The primitives carry ``col2im_form``: "loop" for an untiled convolution, "sum" otherwise (the
+# blocks of a tiled one, pooling, conv_transpose2d, the public col2im). Untiled, XLA:CPU fuses
+# the sum of KH*KW pieces into whatever consumes the image gradient, e.g. the transposed copy of
+# the previous layer's output gradient that its weight-gradient product reads, and evaluates the
+# whole sum in that transposed order (LeNet: one such fusion took 7.6 ms of a 21 ms step). The
+# loop's result is a materialised buffer that cannot be fused: the LeNet step took 17.1-17.9 ms
+# instead of 21.5-22.3, and with fewer fusions it compiles faster (LeNet 1.03 -> 0.81 s,
+# CIFAR10-quick at batch 16 2.35 -> 1.35 s at the same step time). Inside the blocks of a tiled
+# layer the scan materialises each block's result anyway, and there the fused sum ran faster
+# (CIFAR10-quick at batch 100: 86 vs 92-93 ms per step).
 
 
-def _col2im_impl(cols, *, kernel, stride, padding, dilation, image):
+def _col2im_impl(
+    cols, *, kernel, stride, padding, dilation, image, col2im_form="sum", row_loop=False
+):
     if stride == kernel and dilation == (1, 1):
         return _col2im_depth_to_space(cols, kernel, padding, image)
     if stride != (1, 1):
         return _col2im_phases(cols, kernel, stride, padding, dilation, image)
+    if row_loop and col2im_form == "loop" and kernel[0] > 1:
+        return _col2im_row_loop(cols, kernel, padding, dilation, image)
     _, oh, ow, kkc = cols.shape
     c = kkc // (kernel[0] * kernel[1])
     (h, w), (ph, pw) = image, padding
@@ -610,6 +641,29 @@ def _col2im_impl(cols, *, kernel, stride, padding, dilation, image):
         placed = _pad_crop(piece, h0 - ph, h + ph - h0 - oh, w0 - pw, w + pw - w0 - ow)
         acc = placed if acc is None else acc + placed
     return acc
+
+
+def _col2im_row_loop(cols, kernel, padding, dilation, image):
+    """Stride-1 col2im as a ``fori_loop`` over the ``KH`` kernel rows: iteration ``i`` sums the
+    ``KW`` width-shifted pieces of kernel row ``i`` and adds them into output rows
+    ``i*dh .. i*dh + OH - 1`` of the height-padded image, in place."""
+    n, oh, ow, kkc = cols.shape
+    (kh, kw), (ph, pw), (dh, dw), (h, w) = kernel, padding, dilation, image
+    c = kkc // (kh * kw)
+    rows = cols.reshape(n, oh, ow, kh, kw * c)
+
+    def add_row(i, acc):
+        row = lax.dynamic_index_in_dim(rows, i, axis=3, keepdims=False)
+        part = None
+        for j in range(kw):
+            w0 = j * dw
+            placed = _pad_crop(row[..., j * c : (j + 1) * c], 0, 0, w0 - pw, w + pw - w0 - ow)
+            part = placed if part is None else part + placed
+        old = lax.dynamic_slice_in_dim(acc, i * dh, oh, axis=1)
+        return lax.dynamic_update_slice_in_dim(acc, old + part, i * dh, axis=1)
+
+    acc = lax.fori_loop(0, kh, add_row, jnp.zeros((n, h + 2 * ph, w, c), cols.dtype))
+    return lax.slice_in_dim(acc, ph, ph + h, axis=1)
 
 
 def _col2im_depth_to_space(cols, kernel, padding, image):
@@ -655,12 +709,12 @@ def _col2im_phases(cols, kernel, stride, padding, dilation, image):
     return _pad_crop(full, -ph, ph + h - lh * sh, -pw, pw + w - lw * sw)
 
 
-def _im2col_abstract(x, *, kernel, stride, padding, dilation, image):
+def _im2col_abstract(x, *, kernel, stride, padding, dilation, image, col2im_form):
     oh, ow = conv_output_size(image, kernel, stride, padding, dilation, fn="im2col")
     return jax.core.ShapedArray((x.shape[0], oh, ow, kernel[0] * kernel[1] * x.shape[3]), x.dtype)
 
 
-def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image):
+def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image, col2im_form):
     c = cols.shape[3] // (kernel[0] * kernel[1])
     return jax.core.ShapedArray((cols.shape[0], *image, c), cols.dtype)
 
@@ -682,7 +736,7 @@ def _define(name, impl, abstract, cpu_impl=None):
     """A primitive lowered as ``impl`` (as ``cpu_impl`` on the CPU when given); eager calls go
     through ``jit`` of the primitive itself, so they take the same lowering."""
     prim = Primitive(name)
-    static = ("kernel", "stride", "padding", "dilation", "image")
+    static = ("kernel", "stride", "padding", "dilation", "image", "col2im_form")
     prim.def_impl(jax.jit(lambda x, **params: prim.bind(x, **params), static_argnames=static))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
@@ -700,6 +754,11 @@ im2col_p = _define(
     _im2col_abstract,
     cpu_impl=functools.partial(_im2col_impl, row_loop=True),
 )
-col2im_p = _define("fnlayers_col2im", _col2im_impl, _col2im_abstract)
+col2im_p = _define(
+    "fnlayers_col2im",
+    _col2im_impl,
+    _col2im_abstract,
+    cpu_impl=functools.partial(_col2im_impl, row_loop=True),
+)
 ad.deflinear2(im2col_p, lambda ct, x, **params: [col2im_p.bind(ct, **params)])
 ad.deflinear2(col2im_p, lambda ct, cols, **params: [im2col_p.bind(ct, **params)])

@@ -305,7 +305,13 @@ def _window_columns(t, window, stride, padding, out_hw):
     hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     tp = lax.pad(t, zero, ((0, 0, 0), (ph, hp - h - ph, 0), (pw, wp - w - pw, 0), (0, 0, 0)))
     cols = _im2col_p.bind(
-        tp, kernel=window, stride=stride, padding=(0, 0), dilation=(1, 1), image=(hp, wp)
+        tp,
+        kernel=window,
+        stride=stride,
+        padding=(0, 0),
+        dilation=(1, 1),
+        image=(hp, wp),
+        col2im_form="sum",
     )
     return cols.reshape(n, oh, ow, kh * kw, c)
 
