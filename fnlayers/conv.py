@@ -308,7 +308,7 @@ def _group_major(x, groups):
     return x.reshape(n, h, w, groups, c // groups).transpose(3, 0, 1, 2, 4)
 
 
-def _conv_block(x, wm, kernel, stride, padding, dilation, groups, col2im_form):
+def _conv_block(x, wm, kernel, stride, padding, dilation, groups, isolate_col2im):
     """``im2col`` of ``x`` times ``_weight_matrix(w, groups)``: ``(N, OH, OW, C_out)``.
 
     With groups, ``x`` comes group-major, ``(G, N, H, W, C/G)`` (``_group_major``: a copy of the
@@ -320,12 +320,12 @@ def _conv_block(x, wm, kernel, stride, padding, dilation, groups, col2im_form):
     """
     acc = _acc_dtype(x.dtype)
     if groups == 1:
-        cols = _im2col(x, kernel, stride, padding, dilation, col2im_form)
+        cols = _im2col(x, kernel, stride, padding, dilation, isolate_col2im)
         y = lax.dot_general(cols, wm, (((3,), (1,)), ((), ())), preferred_element_type=acc)
         return y.astype(x.dtype)
     g, n = x.shape[:2]
     xg = x.reshape(g * n, *x.shape[2:])
-    cols = _im2col(xg, kernel, stride, padding, dilation, col2im_form)
+    cols = _im2col(xg, kernel, stride, padding, dilation, isolate_col2im)
     _, oh, ow, k_g = cols.shape
     cols = cols.reshape(g, n * oh * ow, k_g)
     y = lax.dot_general(cols, wm, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
@@ -382,17 +382,17 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
     # the product's own layout and the transpose back to HWIO happens once.
     wm = _weight_matrix(w, groups)
 
-    def block(xb, wm, padding, col2im_form="sum"):
-        return _conv_block(xb, wm, kernel, stride, padding, dilation, groups, col2im_form)
+    def block(xb, wm, padding, isolate_col2im=False):
+        return _conv_block(xb, wm, kernel, stride, padding, dilation, groups, isolate_col2im)
 
     oh, ow = conv_output_size((h, wd), kernel, stride, padding, dilation, fn="conv2d")
     row_bytes = ow * kernel[0] * kernel[1] * c * jnp.dtype(x.dtype).itemsize
     rows, b = _tiling(n, oh, row_bytes)
     if (rows == oh and b == n) or _is_1x1(kernel, stride, padding):
         # A 1x1 convolution has no columns to keep in cache. Untiled, the backward's col2im is
-        # the loop form (see the col2im notes below); in the blocks below the scan materialises
-        # it anyway.
-        return block(_group_major(x, groups), wm, padding, "loop")
+        # isolated from its consumers (see the col2im notes below); in the blocks below the
+        # scan materialises it anyway.
+        return block(_group_major(x, groups), wm, padding, isolate_col2im=True)
     if rows < oh:
         # Windows of `rows` output rows: input rows [r*rows*sh, r*rows*sh + span) of the
         # height-padded image, stacked along the batch; each is then convolved without height
@@ -418,7 +418,7 @@ def _is_1x1(kernel, stride, padding):
     return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
 
 
-def _im2col(x, kernel, stride, padding, dilation, col2im_form="sum"):
+def _im2col(x, kernel, stride, padding, dilation, isolate_col2im=False):
     if _is_1x1(kernel, stride, padding):
         return x  # Caffe's is_1x1 fast path: the columns are the image itself
     return im2col_p.bind(
@@ -428,11 +428,11 @@ def _im2col(x, kernel, stride, padding, dilation, col2im_form="sum"):
         padding=padding,
         dilation=dilation,
         image=x.shape[1:3],
-        col2im_form=col2im_form,
+        isolate_col2im=isolate_col2im,
     )
 
 
-def _col2im(cols, image, kernel, stride, padding, dilation, col2im_form="sum"):
+def _col2im(cols, image, kernel, stride, padding, dilation, isolate_col2im=False):
     if _is_1x1(kernel, stride, padding):
         return cols
     return col2im_p.bind(
@@ -442,7 +442,7 @@ def _col2im(cols, image, kernel, stride, padding, dilation, col2im_form="sum"):
         padding=padding,
         dilation=dilation,
         image=tuple(image),
-        col2im_form=col2im_form,
+        isolate_col2im=isolate_col2im,
     )
 
 
@@ -506,7 +506,7 @@ def _im2col_row_loop(xp, kernel, dilation, out_hw):
     return lax.fori_loop(0, kh, write_row, cols).reshape(n, oh, ow, kh * kw * c)
 
 
-def _im2col_impl(x, *, kernel, stride, padding, dilation, image, col2im_form="sum", row_loop=False):
+def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=False, cpu=False):
     n, h, w, c = x.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
@@ -523,7 +523,7 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image, col2im_form="su
     if sw > 1 and dw == 1 and kernel[1] > 1:
         return _im2col_width_phases(x, kernel, stride, padding, dilation, (oh, ow))
     xp = _pad_crop(x, ph, ph, pw, pw)
-    if row_loop and _row_loop_pays(kernel, stride, c * x.dtype.itemsize):
+    if cpu and _row_loop_pays(kernel, stride, c * x.dtype.itemsize):
         return _im2col_row_loop(xp, kernel, dilation, (oh, ow))
     pieces = [
         lax.slice(
@@ -606,30 +606,28 @@ def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
 # col2im: the adjoint of each im2col path.
 #   stride == kernel, no dilation -> one transpose + reshape (depth-to-space)
 #   stride > 1                    -> by stride phase: dense sums of shifted slices, interleaved
-#   stride 1, form "loop", CPU    -> a loop over the KH kernel rows, each adding its KW shifted
-#                                    slices into the image in place (_col2im_row_loop)
 #   stride 1                      -> sum of KH*KW shifted slices (one fused loop)
-# The primitives carry ``col2im_form``: "loop" for an untiled convolution, "sum" otherwise (the
-# blocks of a tiled one, pooling, conv_transpose2d, the public col2im). Untiled, XLA:CPU fuses
-# the sum of KH*KW pieces into whatever consumes the image gradient, e.g. the transposed copy of
-# the previous layer's output gradient that its weight-gradient product reads, and evaluates the
-# whole sum in that transposed order (LeNet: one such fusion took 7.6 ms of a 21 ms step). The
-# loop's result is a materialised buffer that cannot be fused: the LeNet step took 17.1-17.9 ms
-# instead of 21.5-22.3, and with fewer fusions it compiles faster (LeNet 1.03 -> 0.81 s,
-# CIFAR10-quick at batch 16 2.35 -> 1.35 s at the same step time). Inside the blocks of a tiled
-# layer the scan materialises each block's result anyway, and there the fused sum ran faster
-# (CIFAR10-quick at batch 100: 86 vs 92-93 ms per step).
+# The primitives carry ``isolate_col2im``, true for an untiled convolution. Untiled, XLA:CPU
+# fuses the sum of KH*KW pieces into whatever consumes the image gradient, e.g. the transposed
+# copy of the previous layer's output gradient that its weight-gradient product reads, and
+# evaluates the whole sum in that transposed order (LeNet: one such fusion took 7.6 ms of a 21 ms
+# step), or materialises each piece as a fusion of its own. On the CPU an isolated col2im is
+# computed as a unit (``_isolated``): the LeNet step took 14.9-15.1 ms instead of 20-22, and with
+# fewer fusions it compiles faster (LeNet 1.1 -> 0.94 s, CIFAR10-quick at batch 16 2.5 -> 1.5 s).
+# Inside the blocks of a tiled layer the scan materialises each block's result anyway; pooling,
+# conv_transpose2d and the public col2im are not isolated.
 
 
 def _col2im_impl(
-    cols, *, kernel, stride, padding, dilation, image, col2im_form="sum", row_loop=False
+    cols, *, kernel, stride, padding, dilation, image, isolate_col2im=False, cpu=False
 ):
+    if cpu and isolate_col2im and cols.size:
+        params = dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+        return _isolated(functools.partial(_col2im_impl, image=image, **params), cols)
     if stride == kernel and dilation == (1, 1):
         return _col2im_depth_to_space(cols, kernel, padding, image)
     if stride != (1, 1):
         return _col2im_phases(cols, kernel, stride, padding, dilation, image)
-    if row_loop and col2im_form == "loop" and kernel[0] > 1:
-        return _col2im_row_loop(cols, kernel, padding, dilation, image)
     _, oh, ow, kkc = cols.shape
     c = kkc // (kernel[0] * kernel[1])
     (h, w), (ph, pw) = image, padding
@@ -643,27 +641,13 @@ def _col2im_impl(
     return acc
 
 
-def _col2im_row_loop(cols, kernel, padding, dilation, image):
-    """Stride-1 col2im as a ``fori_loop`` over the ``KH`` kernel rows: iteration ``i`` sums the
-    ``KW`` width-shifted pieces of kernel row ``i`` and adds them into output rows
-    ``i*dh .. i*dh + OH - 1`` of the height-padded image, in place."""
-    n, oh, ow, kkc = cols.shape
-    (kh, kw), (ph, pw), (dh, dw), (h, w) = kernel, padding, dilation, image
-    c = kkc // (kh * kw)
-    rows = cols.reshape(n, oh, ow, kh, kw * c)
-
-    def add_row(i, acc):
-        row = lax.dynamic_index_in_dim(rows, i, axis=3, keepdims=False)
-        part = None
-        for j in range(kw):
-            w0 = j * dw
-            placed = _pad_crop(row[..., j * c : (j + 1) * c], 0, 0, w0 - pw, w + pw - w0 - ow)
-            part = placed if part is None else part + placed
-        old = lax.dynamic_slice_in_dim(acc, i * dh, oh, axis=1)
-        return lax.dynamic_update_slice_in_dim(acc, old + part, i * dh, axis=1)
-
-    acc = lax.fori_loop(0, kh, add_row, jnp.zeros((n, h + 2 * ph, w, c), cols.dtype))
-    return lax.slice_in_dim(acc, ph, ph + h, axis=1)
+def _isolated(f, x):
+    """``f(x)`` as the branch of an XLA conditional whose predicate is true for every value but
+    unknown when compiling, so XLA:CPU compiles ``f`` as a unit: its result is a buffer no
+    consumer can fuse (``lax.optimization_barrier`` would not do: XLA:CPU removes it before
+    fusion). Both branches are ``f``; the check reads one element of ``x``."""
+    v = x.reshape(-1)[0]
+    return lax.cond(jnp.logical_or(v == v, jnp.isnan(v)), f, f, x)
 
 
 def _col2im_depth_to_space(cols, kernel, padding, image):
@@ -709,12 +693,12 @@ def _col2im_phases(cols, kernel, stride, padding, dilation, image):
     return _pad_crop(full, -ph, ph + h - lh * sh, -pw, pw + w - lw * sw)
 
 
-def _im2col_abstract(x, *, kernel, stride, padding, dilation, image, col2im_form):
+def _im2col_abstract(x, *, kernel, stride, padding, dilation, image, isolate_col2im):
     oh, ow = conv_output_size(image, kernel, stride, padding, dilation, fn="im2col")
     return jax.core.ShapedArray((x.shape[0], oh, ow, kernel[0] * kernel[1] * x.shape[3]), x.dtype)
 
 
-def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image, col2im_form):
+def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image, isolate_col2im):
     c = cols.shape[3] // (kernel[0] * kernel[1])
     return jax.core.ShapedArray((cols.shape[0], *image, c), cols.dtype)
 
@@ -736,7 +720,7 @@ def _define(name, impl, abstract, cpu_impl=None):
     """A primitive lowered as ``impl`` (as ``cpu_impl`` on the CPU when given); eager calls go
     through ``jit`` of the primitive itself, so they take the same lowering."""
     prim = Primitive(name)
-    static = ("kernel", "stride", "padding", "dilation", "image", "col2im_form")
+    static = ("kernel", "stride", "padding", "dilation", "image", "isolate_col2im")
     prim.def_impl(jax.jit(lambda x, **params: prim.bind(x, **params), static_argnames=static))
     prim.def_abstract_eval(abstract)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
@@ -752,13 +736,13 @@ im2col_p = _define(
     "fnlayers_im2col",
     _im2col_impl,
     _im2col_abstract,
-    cpu_impl=functools.partial(_im2col_impl, row_loop=True),
+    cpu_impl=functools.partial(_im2col_impl, cpu=True),
 )
 col2im_p = _define(
     "fnlayers_col2im",
     _col2im_impl,
     _col2im_abstract,
-    cpu_impl=functools.partial(_col2im_impl, row_loop=True),
+    cpu_impl=functools.partial(_col2im_impl, cpu=True),
 )
 ad.deflinear2(im2col_p, lambda ct, x, **params: [col2im_p.bind(ct, **params)])
 ad.deflinear2(col2im_p, lambda ct, cols, **params: [im2col_p.bind(ct, **params)])

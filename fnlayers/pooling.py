@@ -311,7 +311,7 @@ def _window_columns(t, window, stride, padding, out_hw):
         padding=(0, 0),
         dilation=(1, 1),
         image=(hp, wp),
-        col2im_form="sum",
+        isolate_col2im=False,
     )
     return cols.reshape(n, oh, ow, kh * kw, c)
 

@@ -1,5 +1,7 @@
 """conv2d, conv_transpose2d, im2col, col2im against CAFFE_SEMANTICS.md §1-§2."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -630,32 +632,33 @@ def test_row_loop_is_for_the_cpu_and_wide_channels_only():
 
 
 @pytest.mark.parametrize(
-    "kernel, padding, dilation", [(3, 1, 1), (5, 2, 1), ((2, 5), (0, 2), (2, 1)), ((4, 1), 1, 1)]
+    "kernel, stride, padding, dilation",
+    [(3, 1, 1, 1), (5, 1, 2, 1), ((2, 5), 1, (0, 2), (2, 1)), (3, 2, 1, 1), (2, 2, 0, 1)],
 )
-def test_loop_col2im_matches_the_sum(rng, kernel, padding, dilation):
-    """The CPU's loop form of a stride-1 col2im (used when a convolution is not tiled) gives the
-    same image as the sum of shifted pieces; integer values make both sums exact."""
+def test_isolated_col2im_matches(rng, kernel, stride, padding, dilation):
+    """An untiled convolution's col2im, computed apart from its consumers on the CPU, is the same
+    image as the plain one and as the public col2im."""
     image = (7, 9)
     params = dict(
-        kernel=pair(kernel), stride=(1, 1), padding=pair(padding), dilation=pair(dilation)
+        kernel=pair(kernel), stride=pair(stride), padding=pair(padding), dilation=pair(dilation)
     )
-    oh, ow = conv_module.conv_output_size(image, kernel, 1, padding, dilation)
+    oh, ow = conv_module.conv_output_size(image, kernel, stride, padding, dilation)
     kk = params["kernel"][0] * params["kernel"][1]
-    cols = jnp.asarray(rng.integers(-50, 50, (2, oh, ow, kk * 3)), jnp.float32)
+    cols = jnp.asarray(rng.standard_normal((2, oh, ow, kk * 3)), jnp.float32)
     with jax.default_device(jax.devices("cpu")[0]):
-        loop = conv_module.col2im_p.bind(cols, image=image, col2im_form="loop", **params)
-        summed = conv_module.col2im_p.bind(cols, image=image, col2im_form="sum", **params)
-        np.testing.assert_array_equal(loop, summed)
-        public = fl.col2im(cols, image, kernel, padding=padding, dilation=dilation)
-        np.testing.assert_array_equal(summed, public)
+        bind = functools.partial(conv_module.col2im_p.bind, cols, image=image, **params)
+        isolated, plain = bind(isolate_col2im=True), bind(isolate_col2im=False)
+        np.testing.assert_array_equal(isolated, plain)
+        public = fl.col2im(cols, image, kernel, stride=stride, padding=padding, dilation=dilation)
+        np.testing.assert_array_equal(plain, public)
 
 
-def test_untiled_conv_backward_uses_the_loop_col2im_on_the_cpu_only(rng):
+def test_untiled_conv_isolates_its_col2im_on_the_cpu_only(rng):
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
     wt = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
     dx = jax.jit(jax.grad(lambda x: jnp.sum(fl.conv2d(x, wt, padding=1) ** 2)))
-    assert "while" in dx.trace(x).lower(lowering_platforms=("cpu",)).as_text()
-    assert "while" not in dx.trace(x).lower(lowering_platforms=("cuda",)).as_text()
-    # Pooling and the public col2im keep the fused sum.
+    assert "stablehlo.case" in dx.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    assert "stablehlo.case" not in dx.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    # Pooling and the public col2im are not isolated.
     pool = jax.jit(jax.grad(lambda x: jnp.sum(fl.avg_pool(x, 3, stride=1, padding=1) ** 2)))
-    assert "while" not in pool.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    assert "stablehlo.case" not in pool.trace(x).lower(lowering_platforms=("cpu",)).as_text()
