@@ -612,8 +612,9 @@ def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
 # copy of the previous layer's output gradient that its weight-gradient product reads, and
 # evaluates the whole sum in that transposed order (LeNet: one such fusion took 7.6 ms of a 21 ms
 # step), or materialises each piece as a fusion of its own. On the CPU an isolated col2im is
-# computed as a unit (``_isolated``): the LeNet step took 14.9-15.1 ms instead of 20-22, and with
-# fewer fusions it compiles faster (LeNet 1.1 -> 0.94 s, CIFAR10-quick at batch 16 2.5 -> 1.5 s).
+# computed as a unit (``_isolated``): the LeNet step took 14.9-15.5 ms instead of 20.5-22.1, and
+# with fewer fusions it compiles faster (LeNet 1.13-1.18 -> 0.91-0.97 s, CIFAR10-quick at batch
+# 16 2.57-2.65 -> 1.49-1.56 s, its step 25.2-26.2 -> 22.6-22.9 ms; docs/performance.md).
 # Inside the blocks of a tiled layer the scan materialises each block's result anyway; pooling,
 # conv_transpose2d and the public col2im are not isolated.
 
