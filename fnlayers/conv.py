@@ -507,6 +507,7 @@ def _im2col_row_loop(xp, kernel, dilation, out_hw):
 
 
 def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=False, cpu=False):
+    del isolate_col2im  # a parameter of the pair, for the transposed col2im only
     n, h, w, c = x.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
