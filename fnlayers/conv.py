@@ -461,81 +461,86 @@ def _pad_crop(x, low_h, high_h, low_w, high_w):
 #   16+ taps, pieces under 64 bytes -> two stages: the KW width taps of every input row are
 #                                      concatenated first (width phases when the width stride
 #                                      is > 1), then KH row slices of that
-#   width stride > 1, no w-dilation -> width phases: ceil(KW/sw) slices per kernel row
-#   stride 1, pieces of 512+ bytes  -> on the CPU: a loop over the KH kernel rows, writing each
-#                                      row's KW taps in place (_im2col_row_loop)
-#   otherwise                       -> KH*KW strided slices, concatenated
-# XLA:CPU builds a concatenation as one pass over materialised slices; measured against
-# dynamic_update_slice chains, stack + transpose, gathers and sums of padded slices, it was the
-# fastest general construction once the blocks are in cache (docs/performance.md). Its compile
-# time grows with the number of pieces (10-15 ms each on the project's CPU): two stages take
-# KW + KH pieces instead of KH*KW. They pay off at run time only when the one-stage pieces are
-# tiny (an image's 1-3 channels: 5x5 on 3 channels 0.69 -> 0.38 ms); with 32 channels they ran
-# 20% slower and with 96 channels 2x slower, so they are used for few channels alone.
+#   otherwise                       -> KH*KW strided slices stacked as (N, OH, OW, KH, KW, C),
+#                                      a free reshape from the columns; with a width stride
+#                                      (no width dilation) ceil(KW/sw) slices of the image
+#                                      folded into width phases per kernel row, sw taps each,
+#                                      the taps past KW cut off
+# XLA:CPU fuses a concatenation only when it has at most 8 operands and does not run along the
+# minor axis (unless that is under 128 wide; cpu_instruction_fusion.cc). Otherwise each piece is
+# materialised by a kernel of its own and copied again by the concatenation: KH*KW + 1 kernels
+# to compile (~10 ms each on the project's CPU) and two passes over memory. _stack therefore
+# concatenates along new major axes, at most 8 operands per concatenation, each level of the tree
+# on an axis of its own, and the column matrix is one fused loop. Measured per layer, forward +
+# backward, against the one concatenation of KH*KW pieces (and the row loop it replaced for wide
+# channels): CIFAR10-quick conv2 40-42 -> 31-33 ms, VGG 3x3x128 134 -> 111-114 ms, AlexNet conv4
+# 58-60 -> 50-52 ms; compile of AlexNet conv2 1.05 -> 0.52 s, of the AlexNet train step 2.8 ->
+# 2.2 s (docs/performance.md, session 5). The two-stage path keeps its concatenations: with pieces
+# this narrow the stacked loop ran slower (AlexNet conv1 forward 26 -> 37 ms).
+_FUSED_CONCAT_MAX_OPERANDS = 8
 _TWO_STAGE_MIN_TAPS = 16
 _TWO_STAGE_MAX_PIECE_BYTES = 64
-# The row loop compiles one loop body of KW in-place writes instead of KH*KW concatenated slices
-# (AlexNet conv3, forward+backward: 0.40-0.45 -> 0.27-0.33 s), but XLA has to zero the column
-# buffer before the loop writes it. With pieces of 512 bytes or more (128+ float32 channels per
-# group) the layers ran within 0-3% of the concatenation; with 192 bytes (AlexNet conv2: 48
-# channels per group) 10% slower and with 128 bytes 40-50% slower, so those keep the
-# concatenation. CPU only: it was measured there alone (docs/performance.md).
-_ROW_LOOP_MIN_PIECE_BYTES = 512
 
 
-def _row_loop_pays(kernel, stride, piece_bytes):
-    return stride == (1, 1) and kernel[0] > 1 and piece_bytes >= _ROW_LOOP_MIN_PIECE_BYTES
-
-
-def _im2col_row_loop(xp, kernel, dilation, out_hw):
-    """Stride-1 im2col of the padded image ``xp`` as a ``fori_loop`` over the ``KH`` kernel rows:
-    iteration ``i`` writes taps ``(i, 0..KW-1)`` into the columns in place, laid out as
-    ``(N, OH, OW, KH, KW*C)`` so that the loop index addresses a major axis (a dynamic offset on
-    the minor axis ran slower)."""
-    n, c = xp.shape[0], xp.shape[3]
-    (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
-
-    def write_row(i, cols):
-        rows = lax.dynamic_slice_in_dim(xp, i * dh, oh, axis=1)
-        for j in range(kw):
-            tap = lax.slice_in_dim(rows, j * dw, j * dw + ow, axis=2)
-            cols = lax.dynamic_update_slice(cols, tap[:, :, :, None, :], (0, 0, 0, i, j * c))
-        return cols
-
-    cols = jnp.zeros((n, oh, ow, kh, kw * c), xp.dtype)
-    return lax.fori_loop(0, kh, write_row, cols).reshape(n, oh, ow, kh * kw * c)
-
-
-def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=False, cpu=False):
+def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=False):
     del isolate_col2im  # a parameter of the pair, for the transposed col2im only
     n, h, w, c = x.shape
-    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel, padding, stride, dilation
     oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn="im2col")
     if stride == kernel and dilation == (1, 1):
         return _im2col_space_to_depth(x, kernel, padding, (oh, ow))
     piece = (sw if sw > 1 and dw == 1 else 1) * c * x.dtype.itemsize  # bytes per one-stage piece
-    if kernel[0] * kernel[1] >= _TWO_STAGE_MIN_TAPS and piece < _TWO_STAGE_MAX_PIECE_BYTES:
+    if kh * kw >= _TWO_STAGE_MIN_TAPS and piece < _TWO_STAGE_MAX_PIECE_BYTES:
         rows = _width_taps(x, kernel, stride, padding, dilation, ow)  # (N, H + 2*ph, OW, KW*C)
         pieces = [
             lax.slice_in_dim(rows, i * dh, i * dh + (oh - 1) * sh + 1, sh, axis=1)
-            for i in range(kernel[0])
+            for i in range(kh)
         ]
         return jnp.concatenate(pieces, axis=-1)
-    if sw > 1 and dw == 1 and kernel[1] > 1:
-        return _im2col_width_phases(x, kernel, stride, padding, dilation, (oh, ow))
-    xp = _pad_crop(x, ph, ph, pw, pw)
-    if cpu and _row_loop_pays(kernel, stride, c * x.dtype.itemsize):
-        return _im2col_row_loop(xp, kernel, dilation, (oh, ow))
-    pieces = [
-        lax.slice(
-            xp,
-            (0, h0, w0, 0),
-            (n, h0 + (oh - 1) * sh + 1, w0 + (ow - 1) * sw + 1, c),
-            (1, sh, sw, 1),
-        )
-        for h0, w0 in _offsets(kernel, dilation)
+    if sw > 1 and dw == 1 and kw > 1:
+        # Width phases: tap q of a kernel row is folded column q, the image's taps q*sw ..
+        # q*sw + sw - 1; the last one may run past KW, cut off below.
+        xr, nq = _fold_width(x, kernel, stride, padding, ow)  # (N, Hp, WQ, sw*C)
+        starts, width, step = range(nq), ow, 1
+    else:
+        xr = _pad_crop(x, ph, ph, pw, pw)
+        starts, width, step = range(0, kw * dw, dw), (ow - 1) * sw + 1, sw
+    grid = [
+        [
+            lax.slice(
+                xr,
+                (0, i * dh, w0, 0),
+                (n, i * dh + (oh - 1) * sh + 1, w0 + width, xr.shape[3]),
+                (1, sh, step, 1),
+            )
+            for w0 in starts
+        ]
+        for i in range(kh)
     ]
-    return jnp.concatenate(pieces, axis=-1)
+    if len(starts) * xr.shape[3] == kw * c:  # (N, OH, OW, KH, KW, C): one reshape away
+        return _stack([_stack(row, trail=1) for row in grid], trail=2).reshape(n, oh, ow, -1)
+    rows = [_stack(row, trail=1).reshape(n, oh, ow, -1)[..., : kw * c] for row in grid]
+    return _stack(rows, trail=1).reshape(n, oh, ow, -1)
+
+
+def _stack(items, trail):
+    """The equal arrays ``items`` stacked along a new axis before their last ``trail`` axes, as
+    one fusable expression: a concatenation of at most 8 operands; more items are stacked in
+    groups first (the list padded with zeros to equal groups, cut off afterwards), each level
+    along an axis of its own: XLA flattens nested concatenations along one axis back into one
+    with too many operands."""
+    axis = items[0].ndim - trail
+    most = _FUSED_CONCAT_MAX_OPERANDS
+    if len(items) <= most:
+        return jnp.concatenate([jnp.expand_dims(t, axis) for t in items], axis)
+    lo = -(-len(items) // most)
+    groups = next((m for m in range(lo, most + 1) if len(items) % m == 0), lo)
+    size = -(-len(items) // groups)
+    padded = items + [jnp.zeros_like(items[0])] * (groups * size - len(items))
+    parts = [_stack(padded[k * size : (k + 1) * size], trail) for k in range(groups)]
+    stacked = _stack(parts, trail + 1)  # (..., groups, size, <trail axes>)
+    merged = stacked.reshape(*stacked.shape[:axis], groups * size, *stacked.shape[axis + 2 :])
+    return lax.slice_in_dim(merged, 0, len(items), axis=axis)
 
 
 def _width_taps(x, kernel, stride, padding, dilation, ow):
@@ -578,30 +583,6 @@ def _im2col_space_to_depth(x, kernel, padding, out_hw):
     xp = _pad_crop(x, ph, oh * kh - h - ph, pw, ow * kw - w - pw)
     tiles = xp.reshape(n, oh, kh, ow, kw, c).transpose(0, 1, 3, 2, 4, 5)
     return tiles.reshape(n, oh, ow, kh * kw * c)
-
-
-def _im2col_width_phases(x, kernel, stride, padding, dilation, out_hw):
-    """im2col for a width stride ``sw > 1`` (dilation 1 along the width): the image is folded to
-    ``(N, Hp, Wp / sw, sw * C)`` (a free reshape), where the taps ``j = q*sw .. q*sw + sw - 1`` of
-    one kernel row are ``sw * C`` contiguous values. Each kernel row then needs ``ceil(KW / sw)``
-    slices instead of ``KW``, and the concatenation moves fewer, longer pieces.
-    """
-    kh, c, (sh, sw), dh = kernel[0], x.shape[3], stride, dilation[0]
-    oh, ow = out_hw
-    xf, nq = _fold_width(x, kernel, stride, padding, ow)
-    pieces = []
-    for i in range(kh):
-        for q in range(nq):
-            taps = min(sw, kernel[1] - q * sw)
-            pieces.append(
-                lax.slice(
-                    xf,
-                    (0, i * dh, q, 0),
-                    (xf.shape[0], i * dh + (oh - 1) * sh + 1, q + ow, taps * c),
-                    (1, sh, 1, 1),
-                )
-            )
-    return jnp.concatenate(pieces, axis=-1)
 
 
 # col2im: the adjoint of each im2col path.
@@ -734,12 +715,7 @@ def _define(name, impl, abstract, cpu_impl=None):
     return prim
 
 
-im2col_p = _define(
-    "fnlayers_im2col",
-    _im2col_impl,
-    _im2col_abstract,
-    cpu_impl=functools.partial(_im2col_impl, cpu=True),
-)
+im2col_p = _define("fnlayers_im2col", _im2col_impl, _im2col_abstract)
 col2im_p = _define(
     "fnlayers_col2im",
     _col2im_impl,

@@ -588,47 +588,41 @@ def _one_stage_im2col(monkeypatch, x, kernel, *, stride, padding, dilation):
     return conv_module._im2col_impl(x, dilation=pair(dilation), image=x.shape[1:3], **params)
 
 
+# Geometries of the stacked construction (8 float64 channels: 64-byte pieces, past the two-stage
+# path): a kernel row of 11 taps (stacked in two padded groups of 6, cut to 11), 9 taps (three
+# groups of 3), 65 taps (two levels of groups), and width phases whose last slice runs past KW.
+STACK_GEOMETRIES = [
+    # (image, kernel, stride, pad, dilation)
+    ((6, 14), (2, 11), 1, (0, 1), 1),
+    ((11, 10), 9, 1, (1, 0), 1),
+    ((3, 70), (1, 65), (1, 2), 0, 1),
+    ((12, 13), 5, (1, 2), 2, (2, 1)),
+    ((9, 10), (3, 3), (2, 1), 1, 2),
+]
+
+
+@pytest.mark.parametrize("image,kernel,stride,pad,dil", STACK_GEOMETRIES)
+def test_stacked_im2col_matches_reference(rng, image, kernel, stride, pad, dil):
+    cfg = dict(stride=stride, padding=pad, dilation=dil)
+    with jax.enable_x64():
+        x = jnp.asarray(rng.standard_normal((2, *image, 8)))
+        ref = jax.jit(lambda x: im2col_slices(x, kernel, stride, pad, dil))
+        np.testing.assert_array_equal(fl.im2col(x, kernel, **cfg), ref(x))
+        loss = lambda x: jnp.sum(jnp.sin(fl.im2col(x, kernel, **cfg)))
+        ref_loss = lambda x: jnp.sum(jnp.sin(ref(x)))
+        np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(ref_loss)(x), rtol=1e-12)
+
+
 @pytest.mark.parametrize(
-    "kernel, padding, dilation, channels",
-    [
-        (3, 1, 1, 128),  # a 3x3 layer of 128 channels: 512-byte pieces in float32
-        ((2, 5), (0, 2), (2, 1), 64),  # float64, 64 channels: 512 bytes
-    ],
+    "kernel, cfg",
+    [(5, {}), ((3, 11), {}), (9, {}), (5, dict(stride=2)), (3, dict(dilation=2))],
 )
-def test_row_loop_im2col_matches_the_concatenation(rng, kernel, padding, dilation, channels):
-    x = rng.standard_normal((2, 9, 10, channels))
-    wt = rng.standard_normal((*pair(kernel), channels, 3))
-    cfg = dict(padding=padding, dilation=dilation)
-    # The row loop is the CPU's lowering: on a machine with a GPU too, this runs on its CPU.
-    with jax.enable_x64(), jax.default_device(jax.devices("cpu")[0]):
-        dtype = jnp.float64 if channels == 64 else jnp.float32
-        xd, wd = jnp.asarray(x, dtype), jnp.asarray(wt, dtype)
-        params = dict(
-            kernel=pair(kernel), stride=(1, 1), padding=pair(padding), dilation=pair(dilation)
-        )
-        traced = jax.jit(lambda x: fl.im2col(x, kernel, **cfg)).trace(xd)
-        hlo = traced.lower(lowering_platforms=("cpu",)).as_text()
-        assert "while" in hlo, "the row loop was not used"
-        np.testing.assert_array_equal(
-            fl.im2col(xd, kernel, **cfg),
-            conv_module._im2col_impl(xd, image=x.shape[1:3], **params),  # concatenation
-        )
-        loss = lambda x, w, impl: jnp.sum(jnp.sin(fl.conv2d(x, w, impl=impl, **cfg)))
-        got = jax.grad(loss, argnums=(0, 1))(xd, wd, "im2col")
-        want = jax.grad(loss, argnums=(0, 1))(xd, wd, "xla")
-        tol = dict(rtol=1e-9, atol=1e-10) if channels == 64 else dict(rtol=2e-4, atol=2e-4)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_allclose(a, b, **tol)
-
-
-def test_row_loop_is_for_the_cpu_and_wide_channels_only():
-    f = jax.jit(lambda x: fl.im2col(x, 3, padding=1))
-    wide, narrow = jnp.ones((1, 6, 6, 128)), jnp.ones((1, 6, 6, 32))
-    assert "while" in f.trace(wide).lower(lowering_platforms=("cpu",)).as_text()
-    assert "while" not in f.trace(wide).lower(lowering_platforms=("cuda",)).as_text()
-    assert "while" not in f.trace(narrow).lower(lowering_platforms=("cpu",)).as_text()
-    strided = jax.jit(lambda x: fl.im2col(x, 3, stride=2, padding=1))
-    assert "while" not in strided.trace(wide).lower(lowering_platforms=("cpu",)).as_text()
+def test_im2col_compiles_to_one_fused_loop_on_the_cpu(kernel, cfg):
+    """The point of the stacked construction: one kernel for the whole column matrix, where a
+    concatenation of KH*KW slices compiles to a kernel per slice plus one for the copy."""
+    x = jax.device_put(jnp.ones((2, 20, 24, 16), jnp.float32), jax.devices("cpu")[0])
+    hlo = jax.jit(lambda x: fl.im2col(x, kernel, **cfg)).lower(x).compile().as_text()
+    assert hlo.count("kind=kLoop") == 1
 
 
 @pytest.mark.parametrize(
