@@ -405,16 +405,23 @@ def _conv_im2col(x, w, stride, padding, dilation, groups):
         # height-padded image, stacked along the batch; each is then convolved without height
         # padding.
         span = (rows - 1) * sh + (kh - 1) * dh + 1
-        xp = _pad_crop(x, ph, ph, 0, 0)
-        windows = [
-            lax.slice_in_dim(xp, r * rows * sh, r * rows * sh + span, axis=1)
-            for r in range(oh // rows)
-        ]
+        windows = []
+        for r in range(oh // rows):
+            lo = r * rows * sh - ph  # first input row, counting the padding as negative rows
+            cut = lax.slice_in_dim(x, max(lo, 0), min(lo + span, h), axis=1)
+            windows.append(_pad_crop(cut, max(-lo, 0), max(lo + span - h, 0), 0, 0))
         x = jnp.stack(windows, axis=1).reshape(-1, span, wd, c)
         padding = (0, pw)
     nb = x.shape[0] // b
-    body = jax.checkpoint(lambda carry, xb: (carry, block(xb, wm, padding)), prevent_cse=False)
-    xs = x.reshape(nb, b, *x.shape[1:])
+    # One example or window per block: scanned without the unit block axis, which XLA:CPU would
+    # lay out as a major axis and then copy to the loop's default layout.
+    unit = b == 1 and groups == 1
+
+    def body(carry, xb):
+        return carry, (block(xb[None], wm, padding)[0] if unit else block(xb, wm, padding))
+
+    body = jax.checkpoint(body, prevent_cse=False)
+    xs = x if unit else x.reshape(nb, b, *x.shape[1:])
     if groups > 1:  # blocks of (G, b, H, W, C/G), the group transpose done once for all blocks
         xs = xs.reshape(*xs.shape[:4], groups, -1).transpose(0, 4, 1, 2, 3, 5)
     _, y = lax.scan(body, None, xs)
