@@ -492,6 +492,7 @@ def _pad_crop(x, low_h, high_h, low_w, high_w):
 # 2.2 s (docs/performance.md, session 5). The two-stage path keeps its concatenations: with pieces
 # this narrow the stacked loop ran slower (AlexNet conv1 forward 26 -> 37 ms).
 _FUSED_CONCAT_MAX_OPERANDS = 8
+_CHANNEL_SPLIT = 4
 _TWO_STAGE_MIN_TAPS = 16
 _TWO_STAGE_MAX_PIECE_BYTES = 64
 
@@ -538,7 +539,15 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=
         for i in range(kh)
     ]
     if len(starts) * xr.shape[3] == kw * c:  # (N, OH, OW, KH, KW, C): one reshape away
-        return _stack([_stack(row, trail=1) for row in grid], trail=2).reshape(n, oh, ow, -1)
+        # The channels as (C/4, 4), a free reshape: with C innermost, LLVM unrolls the channel
+        # loop of each of the KH*KW pieces into straight-line code. AlexNet conv2's 5x5 build on
+        # 48 channels took 330 ms of LLVM code generation alone, 53 ms with (12, 4), and ran as
+        # fast (docs/performance.md, session 5).
+        p = xr.shape[3]  # C, or sw*C for width phases
+        split = (p // _CHANNEL_SPLIT, _CHANNEL_SPLIT) if p % _CHANNEL_SPLIT == 0 else (p,)
+        grid = [[t.reshape(n, oh, ow, *split) for t in row] for row in grid]
+        trail = len(split)
+        return _stack([_stack(row, trail) for row in grid], trail + 1).reshape(n, oh, ow, -1)
     rows = [_stack(row, trail=1).reshape(n, oh, ow, -1)[..., : kw * c] for row in grid]
     return _stack(rows, trail=1).reshape(n, oh, ow, -1)
 
@@ -687,11 +696,12 @@ def _col2im_phases(cols, kernel, stride, padding, dilation, image):
             )
             key = (ri, rj)
             phases[key] = placed if key not in phases else phases[key] + placed
+    # Interleaved as (N, LH, sh, LW, sw, C) by stacking (_stack: one fused loop, where a stack of
+    # the sh*sw phases and a transpose compiled to a kernel per phase: AlexNet conv1's 16 phases
+    # took 17 kernels and 261 ms of LLVM code generation).
     zeros = jnp.zeros((n, lh, lw, c), cols.dtype)
-    stacked = jnp.stack(
-        [phases.get((ri, rj), zeros) for ri in range(sh) for rj in range(sw)], axis=0
-    ).reshape(sh, sw, n, lh, lw, c)
-    full = stacked.transpose(2, 3, 0, 4, 1, 5).reshape(n, lh * sh, lw * sw, c)
+    rows = [_stack([phases.get((ri, rj), zeros) for rj in range(sw)], 1) for ri in range(sh)]
+    full = _stack(rows, trail=3).reshape(n, lh * sh, lw * sw, c)
     # Crop the padding and cut (or zero-fill) the far edge to the image.
     return _pad_crop(full, -ph, ph + h - lh * sh, -pw, pw + w - lw * sw)
 
