@@ -541,7 +541,7 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=
     if len(starts) * xr.shape[3] == kw * c:  # (N, OH, OW, KH, KW, C): one reshape away
         # The channels as (C/4, 4), a free reshape: with C innermost, LLVM unrolls the channel
         # loop of each of the KH*KW pieces into straight-line code. AlexNet conv2's 5x5 build on
-        # 48 channels took 330 ms of LLVM code generation alone, 53 ms with (12, 4), and ran as
+        # 48 channels took 330 ms of LLVM code generation alone, 52 ms with (12, 4), and ran as
         # fast (docs/performance.md, session 5).
         p = xr.shape[3]  # C, or sw*C for width phases
         split = (p // _CHANNEL_SPLIT, _CHANNEL_SPLIT) if p % _CHANNEL_SPLIT == 0 else (p,)
