@@ -264,6 +264,12 @@ def _max_pool_jvp(window, stride, padding, out_hw, primals, tangents):
     (x,), (t,) = primals, tangents
     pieces = _window_slices(x, window, stride, padding, out_hw, -jnp.inf)
     y, first = _first_max(pieces), _first_max_index(pieces)
+    # `first % (KH*KW)` is `first` (0 <= first < KH*KW), but XLA:CPU counts an integer remainder
+    # as expensive and will not fuse it into a consumer that reads its elements repeatedly: the
+    # index is computed once, in a kernel of its own. Without it XLA re-evaluated the select
+    # chain for every tap inside the backward's col2im kernel (AlexNet pool1's backward 45 ->
+    # 8 ms, the AlexNet step 745-767 -> 665-683 ms; docs/performance.md, session 5).
+    first = lax.rem(first, jnp.asarray(window[0] * window[1], first.dtype))
     cols = _window_columns(t, window, stride, padding, out_hw)
     taps = lax.broadcasted_iota(first.dtype, (1, 1, 1, window[0] * window[1], 1), 3)
     mask = first[..., None, :] == taps
