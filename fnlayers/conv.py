@@ -526,24 +526,24 @@ def _im2col_impl(x, *, kernel, stride, padding, dilation, image, isolate_col2im=
     else:
         xr = _pad_crop(x, ph, ph, pw, pw)
         starts, width, step = range(0, kw * dw, dw), (ow - 1) * sw + 1, sw
+    p = xr.shape[3]  # piece width: C, or sw*C for width phases
     grid = [
         [
             lax.slice(
                 xr,
                 (0, i * dh, w0, 0),
-                (n, i * dh + (oh - 1) * sh + 1, w0 + width, xr.shape[3]),
+                (n, i * dh + (oh - 1) * sh + 1, w0 + width, p),
                 (1, sh, step, 1),
             )
             for w0 in starts
         ]
         for i in range(kh)
     ]
-    if len(starts) * xr.shape[3] == kw * c:  # (N, OH, OW, KH, KW, C): one reshape away
+    if len(starts) * p == kw * c:  # (N, OH, OW, KH, KW, C): one reshape away
         # The channels as (C/4, 4), a free reshape: with C innermost, LLVM unrolls the channel
         # loop of each of the KH*KW pieces into straight-line code. AlexNet conv2's 5x5 build on
         # 48 channels took 330 ms of LLVM code generation alone, 52 ms with (12, 4), and ran as
         # fast (docs/performance.md, session 5).
-        p = xr.shape[3]  # C, or sw*C for width phases
         split = (p // _CHANNEL_SPLIT, _CHANNEL_SPLIT) if p % _CHANNEL_SPLIT == 0 else (p,)
         grid = [[t.reshape(n, oh, ow, *split) for t in row] for row in grid]
         trail = len(split)
