@@ -4,10 +4,22 @@ Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of array
 (``Conv2D``, ``MaxPool``, ``BatchNorm``, ...) are ``(init, apply)`` pairs composed with
 ``serial``/``parallel``/``shared``. Submodules: ``init`` (Caffe fillers), ``losses``, ``optim``
 (Caffe's SGD), ``schedules`` (Caffe's learning-rate policies), ``models`` (the model zoo),
-``train`` (jit-compiled steps and ``fit``), ``checkpoint``, ``data``.
+``train`` (jit-compiled steps and ``fit``), ``distributed`` (data parallelism over a mesh),
+``checkpoint``, ``data``.
 """
 
-from fnlayers import checkpoint, data, diagnostics, init, losses, models, optim, schedules, train
+from fnlayers import (
+    checkpoint,
+    data,
+    diagnostics,
+    distributed,
+    init,
+    losses,
+    models,
+    optim,
+    schedules,
+    train,
+)
 from fnlayers.activations import elu, maxout, prelu, relu, sigmoid, tanh
 from fnlayers.conv import (
     col2im,
@@ -102,6 +114,7 @@ __all__ = [
     "data",
     "dense",
     "diagnostics",
+    "distributed",
     "dropout",
     "elu",
     "euclidean",

@@ -16,6 +16,11 @@ The batch order is a pure function of ``(seed, epoch)``: iteration ``i`` reads b
 steps_per_epoch`` of the permutation of epoch ``i // steps_per_epoch``. Together with the key
 and the optimizer's iteration counter stored in the checkpoint, a run resumed from iteration
 ``k`` computes exactly what the uninterrupted run computed.
+
+Data parallelism: ``make_train_step``, ``make_eval_step``, ``predict`` and ``fit`` take a
+``mesh`` (:mod:`fnlayers.distributed`); the global batch is split over the mesh's ``"data"``
+axis and the step is the single-device step on that batch, partitioned by XLA. ``fit`` also
+reads batches from any iterable (a generator, a PyTorch ``DataLoader``) instead of arrays.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +42,8 @@ from fnlayers import _plot
 from fnlayers import checkpoint as _checkpoint
 from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
+from fnlayers import distributed as _dist
+from fnlayers._checks import check_choice
 from fnlayers.layers import Layer, _abstract_init
 
 __all__ = [
@@ -98,11 +106,15 @@ class NonFiniteLossError(RuntimeError):
         self.layer_iteration = layer_iteration
 
 
-def create_train_state(model: Layer, optimizer, in_shape, key) -> TrainState:
+def create_train_state(
+    model: Layer, optimizer, in_shape, key, *, mesh=None, data_axis: str = "data"
+) -> TrainState:
     """Initialises params, state and optimizer state for ``model`` on inputs of ``in_shape``.
 
-    ``key`` is split: one part initialises the model, the other becomes the run's key.
+    ``key`` is split: one part initialises the model, the other becomes the run's key. With a
+    ``mesh`` (see :func:`make_train_step`) every leaf is replicated on every device of it.
     """
+    dp = _data_parallel(mesh, data_axis, "create_train_state")
     k_init, k_run = jax.random.split(key)
 
     def init(k):
@@ -112,25 +124,41 @@ def create_train_state(model: Layer, optimizer, in_shape, key) -> TrainState:
     # One compiled program instead of one dispatch per initializer (seconds for a deep net);
     # the random bits are the same as an eager init's.
     params, state, opt_state = jax.jit(init)(k_init)
-    return TrainState(params, state, opt_state, k_run)
+    train_state = TrainState(params, state, opt_state, k_run)
+    return train_state if dp is None else dp.replicate(train_state)
 
 
-def predict(model: Layer, params, state, x, *, batch_size: int = 256):
+def predict(
+    model: Layer,
+    params,
+    state,
+    x,
+    *,
+    batch_size: int = 256,
+    mesh=None,
+    data_axis: str = "data",
+):
     """``model``'s outputs on ``x`` in evaluation mode (``train=False``), in batches.
 
     Args:
       x: ``(N, ...)`` array, or a tuple of such arrays for multi-input models.
       batch_size: examples per call of the jit-compiled forward pass.
+      mesh, data_axis: as for :func:`make_train_step`: each batch is split over the devices
+        (a batch that does not split evenly, such as the last one, runs whole on every device).
 
     Returns:
-      The outputs for all N examples, in order (a tuple of arrays for multi-output models).
+      The outputs for all N examples, in order (a tuple of arrays for multi-output models), as
+      numpy arrays.
     """
     n = _num_examples(x, (), "predict")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"predict: batch_size={batch_size!r} must be a positive int")
-    forward = jax.jit(lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
+    dp = _data_parallel(mesh, data_axis, "predict")
+    forward = _on_mesh(dp, lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
+    if dp is not None:
+        params, state = dp.replicate((params, state))
     outs = [
-        forward(params, state, _take(x, np.arange(i, min(i + batch_size, n))))
+        _to_host(dp, forward(params, state, _take(x, np.arange(i, min(i + batch_size, n)))))
         for i in range(0, n, batch_size)
     ]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
@@ -145,6 +173,9 @@ def make_train_step(
     donate: bool = True,
     grad_norms: bool = False,
     grad_finite: bool = False,
+    mesh=None,
+    data_axis: str = "data",
+    batch_norm: str = "global",
 ):
     """Builds ``step(train_state, x, y) -> (train_state, metrics)``, one jit-compiled function.
 
@@ -159,18 +190,42 @@ def make_train_step(
         (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only).
       grad_finite: also return ``"grad_finite/<layer>"``, a bool scalar per layer with
         parameters: whether its whole gradient is finite.
+      mesh: None (one device), or a :class:`jax.sharding.Mesh` with an axis named
+        ``data_axis``: every batch ``x, y`` (the global batch) is split along its first axis
+        over that axis's devices, and the train state is replicated on every device
+        (:mod:`fnlayers.distributed`). ``x`` and ``y`` may be host arrays (the whole batch, the
+        same in every process) or global ``jax.Array`` s already split that way. The step is
+        the single-device step on the global batch, partitioned by XLA; the mesh changes only
+        the order of floating-point sums.
+      data_axis: the mesh axis the batch is split over. Inside the step the model runs with
+        this axis name bound, so a ``BatchNorm(axis_name=data_axis)`` works with or without a
+        mesh (its statistics are those of the global batch either way).
+      batch_norm: ``"global"`` (default): batch norm normalises with the statistics of the
+        whole global batch, exactly as on one device. ``"per_device"``: Caffe's multi-GPU
+        behaviour: the model runs on each device's slice of the batch on its own (a
+        ``vmap`` over the slices, partitioned over the devices), so batch norm normalises each
+        slice with that slice's statistics (a ``BatchNorm(axis_name=data_axis)`` still
+        averages over the slices); the running statistics are averaged over the slices, each
+        slice gets its own PRNG key, and the loss and metrics are those of the global batch.
+        Without a mesh there is one slice, and the two modes agree.
 
     Returns:
       The jitted step. Its metrics dict holds ``loss``, ``lr`` (when the optimizer reports
-      it), every extra metric, and the per-layer entries asked for, as device scalars.
+      it), every extra metric, and the per-layer entries asked for, as device scalars
+      (replicated on every device with a mesh).
     """
+    fn = "make_train_step"
     metrics = dict(metrics or {})
     for name, flag in (("grad_norms", grad_norms), ("grad_finite", grad_finite)):
         if not isinstance(flag, bool):
-            raise TypeError(f"make_train_step: {name}={flag!r} must be a bool")
+            raise TypeError(f"{fn}: {name}={flag!r} must be a bool")
+    check_choice(batch_norm, _dist.BATCH_NORM_MODES, fn=fn, name="batch_norm")
+    dp = _data_parallel(mesh, data_axis, fn)
+    slices = dp.size if dp is not None and batch_norm == "per_device" else 1
+    forward = _train_forward(model, data_axis, slices)
 
     def loss_and_outputs(params, state, key, x, y):
-        outputs, new_state = model.apply(params, state, x, key=key, train=True)
+        outputs, new_state = forward(params, state, key, x)
         return loss_fn(outputs, y), (outputs, new_state)
 
     grad_fn = jax.value_and_grad(loss_and_outputs, has_aux=True)
@@ -182,8 +237,8 @@ def make_train_step(
         out = {"loss": loss}
         if hasattr(optimizer, "learning_rate_at"):
             out["lr"] = optimizer.learning_rate_at(ts.opt_state)
-        for name, fn in metrics.items():
-            out[name] = fn(outputs, y)
+        for name, metric in metrics.items():
+            out[name] = metric(outputs, y)
         if grad_norms:
             norms = _diagnostics.grad_norms(model, grads)
             out |= {f"{GRAD_NORM}{layer}": v for layer, v in norms.items()}
@@ -192,13 +247,36 @@ def make_train_step(
             out |= {f"{GRAD_FINITE}{layer}": v for layer, v in flags.items()}
         return TrainState(params, new_state, opt_state, key), out
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(
+        step,
+        donate_argnums=(0,) if donate else (),
+        out_shardings=None if dp is None else dp.replicated,
+    )
+    if dp is None:
+        return jitted
+
+    def sharded_step(ts: TrainState, x, y):
+        for leaf in jax.tree.leaves((x, y)):
+            dp.check_batch_size(int(np.shape(leaf)[0]), fn=fn, name="the batch's size")
+        with dp.context():
+            return jitted(dp.replicate(ts), *dp.shard((x, y)))
+
+    return sharded_step
 
 
-def make_eval_step(model: Layer, loss_fn: LossFn, *, metrics: Mapping[str, MetricFn] | None = None):
+def make_eval_step(
+    model: Layer,
+    loss_fn: LossFn,
+    *,
+    metrics: Mapping[str, MetricFn] | None = None,
+    mesh=None,
+    data_axis: str = "data",
+):
     """Builds ``eval_step(params, state, x, y) -> metrics`` (jit-compiled, ``train=False``).
 
-    The state is not updated: evaluation never changes running statistics.
+    The state is not updated: evaluation never changes running statistics. With a ``mesh``
+    (see :func:`make_train_step`) a batch that splits evenly over the devices is split, any
+    other (the last batch of :func:`evaluate`) runs whole on every device.
     """
     metrics = dict(metrics or {})
 
@@ -209,12 +287,13 @@ def make_eval_step(model: Layer, loss_fn: LossFn, *, metrics: Mapping[str, Metri
             out[name] = fn(outputs, y)
         return out
 
-    return jax.jit(step)
+    return _on_mesh(_data_parallel(mesh, data_axis, "make_eval_step"), step)
 
 
 def evaluate(eval_step, params, state, x, y, *, batch_size: int = 100) -> dict[str, float]:
     """Runs ``eval_step`` over ``(x, y)`` in order and averages each metric, weighting every
-    batch by its size (the last batch may be smaller). ``x``/``y`` may be pytrees of arrays."""
+    batch by its size (the last batch may be smaller). ``x``/``y`` may be pytrees of arrays.
+    An ``eval_step`` made with a mesh evaluates on every device of it."""
     n = _num_examples(x, y, "evaluate")
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
@@ -285,7 +364,7 @@ def fit(
     optimizer,
     train_data,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     iterations: int | None = None,
     epochs: int | None = None,
     train_state: TrainState | None = None,
@@ -304,44 +383,68 @@ def fit(
     stop_after: int | None = None,
     augment: Callable | None = None,
     diagnostics_every: int | None = None,
+    mesh=None,
+    data_axis: str = "data",
+    batch_norm: str = "global",
 ) -> tuple[TrainState, History]:
-    """Trains ``model`` on ``train_data = (x, y)`` with ``optimizer``.
+    """Trains ``model`` on ``train_data`` with ``optimizer``.
 
     Args:
       model, loss_fn, optimizer, metrics: as for :func:`make_train_step`.
-      train_data: ``(x, y)``; each a numpy/jax array with the example axis first, or a tuple of
-        such arrays (Siamese pairs). Batches are drawn without replacement, reshuffled every
-        epoch from ``(seed, epoch)``; a last partial batch is dropped.
-      batch_size: examples per step.
-      iterations / epochs: how long to train (exactly one of them).
+      train_data: either arrays ``(x, y)``, a tuple: each a numpy/jax array with the example
+        axis first, or a tuple of such arrays (Siamese pairs); batches are drawn without
+        replacement, reshuffled every epoch from ``(seed, epoch)``; a last partial batch is
+        dropped. Or an iterable of ``(x_batch, y_batch)`` batches of numpy-convertible arrays
+        (a generator, a ``torch.utils.data.DataLoader``, a grain loader): one batch per
+        iteration, in the order it yields them. An iterable that can be iterated again (a
+        DataLoader, a list) starts a new pass when one ends, and ``len()`` of it, if defined,
+        is the epoch; a one-shot iterator that runs out ends the run there (with a warning,
+        and the final record, evaluation and checkpoint). A batch smaller than the first (a
+        DataLoader's last) is skipped. On resume the first ``iteration`` batches are read and
+        skipped, so a resumed run continues exactly when the iterable yields the same batches
+        again. In a multi-process run each process's iterable yields its own rows of each
+        global batch (``batch_size / jax.process_count()`` of them).
+      batch_size: examples per step: the global batch, split over the mesh's devices (and
+        processes) when there is a mesh. Required for arrays; for an iterable it is implied by
+        its first batch (and checked if given).
+      iterations / epochs: how long to train (exactly one of them; ``epochs`` needs arrays or
+        an iterable with a ``len()``).
       train_state: where to start; by default a fresh one from ``key`` (default
         ``jax.random.key(seed)``) and the shape of ``x``.
-      eval_data: optional ``(x, y)`` evaluated every ``eval_every`` iterations (default: once
-        per epoch) and at the end, with the same loss and metrics, prefixed ``test_``.
+      eval_data: optional ``(x, y)`` arrays evaluated every ``eval_every`` iterations (default:
+        once per epoch, or only at the end when the epoch is unknown) and at the end, with the
+        same loss and metrics, prefixed ``test_``.
       num_classes: when ``y`` holds integer class labels, labels outside ``[0, num_classes)``
-        are rejected before training starts. Defaults to the model's last output axis when the
-        model has a single output.
+        are rejected before training starts (arrays only). Defaults to the model's last output
+        axis when the model has a single output.
       log_every: iterations between history records (and progress-bar updates); each record
         averages the training metrics over the steps since the previous record (after a
         resume, over the steps run since the resume).
       checkpoint_path: write the train state, iteration and history there (atomically) every
-        ``checkpoint_every`` iterations (default: with every evaluation) and at the end.
+        ``checkpoint_every`` iterations (default: with every evaluation) and at the end. In a
+        multi-process run only process 0 writes; every process resumes from the file.
       resume: if ``checkpoint_path`` exists, continue from it exactly.
-      progress: show a progress bar (tqdm when installed, else a line per record).
+      progress: show a progress bar (tqdm when installed, else a line per record), in process
+        0 only.
       stop_after: stop (with a checkpoint) after this many iterations of *this call*, as if the
         process were interrupted there; for tests and time-boxed runs.
       augment: optional ``augment(x_batch, y_batch, rng) -> (x_batch, y_batch)`` applied to
         every training batch on the host (Caffe's ``transform_param``), with a numpy
         ``Generator`` seeded by ``(seed, iteration)``, so resumed runs see the same batches.
-        :func:`fnlayers.data.random_shift` is one.
+        With arrays it sees the whole global batch in every process (so a multi-process run
+        augments exactly as one process does). :func:`fnlayers.data.random_shift` is one.
       diagnostics_every: None (off), or an int N >= 1: the step that completes iteration 1
         and every iteration that is a multiple of N also computes each layer's gradient norm
         (inside the compiled step; a second compiled variant of the step, so the others run
         exactly as without diagnostics) and that iteration's record gets
         ``"grad_norm/<layer>"`` entries. See :func:`fnlayers.diagnostics.plot_grad_norms`.
+      mesh, data_axis, batch_norm: data parallelism, as for :func:`make_train_step`:
+        ``mesh=jax.make_mesh((jax.device_count(),), ("data",))`` trains on every device, and
+        after ``jax.distributed.initialize`` on every device of every process (each process
+        calls ``fit`` with the same arguments; docs/scale-out.md).
 
     Returns:
-      ``(train_state, history)``.
+      ``(train_state, history)``; with a mesh the train state is replicated on its devices.
 
     Raises:
       ValueError: bad arguments or labels out of range.
@@ -349,128 +452,398 @@ def fit(
         The message names the layer whose gradient went non-finite first (this iteration or
         the one before), or says that every gradient stayed finite.
     """
-    x, y = _unpack(train_data, "train_data")
-    n = _num_examples(x, y, "train_data")
-    if not isinstance(batch_size, int) or not 0 < batch_size <= n:
-        raise ValueError(f"fit: batch_size={batch_size!r} must be an int in [1, {n}]")
-    steps_per_epoch = n // batch_size
-    if (iterations is None) == (epochs is None):
-        raise ValueError(f"fit: give exactly one of iterations={iterations} and epochs={epochs}")
-    total = iterations if iterations is not None else epochs * steps_per_epoch
-    if not isinstance(total, int) or total < 1:
-        raise ValueError(f"fit: the run must have at least one iteration, got {total!r}")
-    eval_every = eval_every or steps_per_epoch
+    dp = _data_parallel(mesh, data_axis, "fit")
+    source = _batch_source(train_data, batch_size, seed, augment, dp)
+    total = _run_length(iterations, epochs, source.steps_per_epoch)
+    eval_every = eval_every or source.steps_per_epoch or total
     checkpoint_every = checkpoint_every or eval_every
-    metrics = dict(metrics or {})
-    if diagnostics_every is not None and (
-        not isinstance(diagnostics_every, int)
-        or isinstance(diagnostics_every, bool)
-        or diagnostics_every < 1
-    ):
-        raise ValueError(
-            f"fit: diagnostics_every={diagnostics_every!r} must be None or an int >= 1"
-        )
-
+    _check_diagnostics_every(diagnostics_every)
     if train_state is None:
         key = jax.random.key(seed) if key is None else key
-        train_state = create_train_state(model, optimizer, _input_shape(x), key)
-    _check_labels(model, x, y, num_classes, eval_data)
+        train_state = create_train_state(
+            model, optimizer, source.input_shape, key, mesh=mesh, data_axis=data_axis
+        )
+    elif dp is not None:
+        train_state = dp.replicate(train_state)
+    if source.arrays is not None:
+        _check_labels(model, *source.arrays, num_classes, eval_data)
 
+    checkpointer = _Checkpointer(checkpoint_path, dp)
     history, start = History(), 0
-    if checkpoint_path is not None and resume and os.path.exists(checkpoint_path):
-        train_state, start, history = _load_run(checkpoint_path, train_state)
+    if resume and checkpointer.exists():
+        train_state, start, history = checkpointer.load(train_state)
 
-    step = make_train_step(model, loss_fn, optimizer, metrics=metrics, grad_finite=True)
+    options = dict(metrics=metrics, mesh=mesh, data_axis=data_axis, batch_norm=batch_norm)
+    step = make_train_step(model, loss_fn, optimizer, grad_finite=True, **options)
     diag_step = None
     if diagnostics_every is not None:
         diag_step = make_train_step(
-            model, loss_fn, optimizer, metrics=metrics, grad_norms=True, grad_finite=True
+            model, loss_fn, optimizer, grad_finite=True, grad_norms=True, **options
         )
+    evaluator = _Evaluator(model, loss_fn, metrics, eval_data, eval_batch_size, mesh, data_axis)
     layer_order = _diagnostics.param_layers(model, train_state.params)
-    prev_flags: tuple[int, dict] | None = None
-    eval_step = make_eval_step(model, loss_fn, metrics=metrics) if eval_data is not None else None
     end = total if stop_after is None else min(total, start + stop_after)
-    bar = _Progress(total, start, enabled=progress)
-    last_ckpt = checkpoint_path if checkpoint_path and os.path.exists(checkpoint_path) else None
-    window: dict[str, list[float]] = {}
-    t_window, n_window = time.perf_counter(), 0
-    perm_epoch, perm = -1, None
-    it = start
+    show = progress and _dist.is_main_process()
+    recorder = _Recorder(history, source.steps_per_epoch, _Progress(total, start, enabled=show))
+    previous = None  # (iteration, per-layer gradient finiteness) of the step before
     try:
-        while it < end:
-            epoch = it // steps_per_epoch
-            if epoch != perm_epoch:
-                perm, perm_epoch = _data.epoch_order(n, seed=seed, epoch=epoch), epoch
-            b = it % steps_per_epoch
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            xb, yb = _take(x, idx), _take(y, idx)
-            if augment is not None:
-                xb, yb = augment(xb, yb, np.random.default_rng([seed, it, 1]))
-            run_diag = diag_step is not None and (it == 0 or (it + 1) % diagnostics_every == 0)
-            train_state, out = (diag_step if run_diag else step)(train_state, xb, yb)
-            flags = {
-                k[len(GRAD_FINITE) :]: out.pop(k) for k in list(out) if k.startswith(GRAD_FINITE)
-            }
-            norms = {k: out.pop(k) for k in list(out) if k.startswith(GRAD_NORM)}
+        for it, xb, yb, exhausted in source.batches(start, end):
+            diagnose = diag_step is not None and (it == 0 or (it + 1) % diagnostics_every == 0)
+            train_state, out = (diag_step if diagnose else step)(train_state, xb, yb)
+            flags = _pop_prefixed(out, GRAD_FINITE)
             loss = float(out["loss"])
-            it += 1
             if not math.isfinite(loss):
-                layer, layer_it, where = _first_nonfinite_gradient(
-                    prev_flags, (it - 1, flags), layer_order
+                raise _non_finite_error(
+                    loss, it, previous, flags, layer_order, history, dp, checkpointer.last
                 )
-                raise NonFiniteLossError(
-                    f"fit: the training loss became {loss} at iteration {it - 1}; training "
-                    f"stopped. {where} "
-                    + (
-                        f"The last good checkpoint is {last_ckpt}."
-                        if last_ckpt
-                        else "No checkpoint was written."
-                    ),
-                    iteration=it - 1,
-                    history=history,
-                    checkpoint=last_ckpt,
-                    layer=layer,
-                    layer_iteration=layer_it,
-                )
-            prev_flags = (it - 1, flags)
-            for name, value in out.items():
-                window.setdefault(name, []).append(float(value))
-            n_window += batch_size
-            record = None
-            if norms:
-                record = {"iteration": it, "epoch": it / steps_per_epoch}
-                record |= {k: float(v) for k, v in jax.device_get(norms).items()}
-            if it % log_every == 0 or it == total:
-                elapsed = time.perf_counter() - t_window
-                record = record or {"iteration": it, "epoch": it / steps_per_epoch}
-                record |= {k: float(np.mean(v)) for k, v in window.items()}
-                record["images_per_s"] = n_window / max(elapsed, 1e-9)
-                window, t_window, n_window = {}, time.perf_counter(), 0
-            if eval_step is not None and (it % eval_every == 0 or it == total):
-                ex, ey = _unpack(eval_data, "eval_data")
-                result = evaluate(
-                    eval_step,
-                    train_state.params,
-                    train_state.state,
-                    ex,
-                    ey,
-                    batch_size=eval_batch_size,
-                )
-                record = record or {"iteration": it, "epoch": it / steps_per_epoch}
-                record |= {f"test_{k}": v for k, v in result.items()}
-                t_window = time.perf_counter()  # evaluation time is not training throughput
-            if record is not None:
-                history.records.append(record)
-                bar.update(it, record)
-            if checkpoint_path is not None and (it % checkpoint_every == 0 or it == end):
-                _save_run(checkpoint_path, train_state, it, history)
-                last_ckpt = checkpoint_path
+            previous = (it, flags)
+            norms = _to_host(dp, _pop_prefixed(out, GRAD_NORM))
+            done = it + 1
+            recorder.add_step(done, out, source.batch_size, norms)
+            if done % log_every == 0 or done == total or exhausted:
+                recorder.log(done)
+            if evaluator.enabled and (done % eval_every == 0 or done == total or exhausted):
+                recorder.add_evaluation(done, evaluator(train_state))
+            recorder.flush(done)
+            if done % checkpoint_every == 0 or done == end or exhausted:
+                checkpointer.save(train_state, done, history)
     finally:
-        bar.close()
+        recorder.close()
     return train_state, history
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _data_parallel(mesh, data_axis, fn):
+    return None if mesh is None else _dist.data_parallel(mesh, data_axis, fn=fn)
+
+
+def _on_mesh(dp, fn):
+    """``fn`` jit-compiled; with a mesh, its arguments placed (the first two replicated, the
+    others split over the devices when their batch splits evenly, else replicated) and its
+    results replicated."""
+    jitted = jax.jit(fn, out_shardings=None if dp is None else dp.replicated)
+    if dp is None:
+        return jitted
+
+    def run(params, state, *batch):
+        sizes = {int(np.shape(leaf)[0]) for leaf in jax.tree.leaves(batch)}
+        even = all(size % dp.size == 0 and size % jax.process_count() == 0 for size in sizes)
+        placed = dp.shard(batch) if even else dp.replicate(batch)
+        with dp.context():
+            return jitted(*dp.replicate((params, state)), *placed)
+
+    return run
+
+
+def _to_host(dp, tree):
+    return tree if dp is None else dp.to_host(tree)
+
+
+def _train_forward(model, axis, slices):
+    """``forward(params, state, key, x) -> (outputs, new_state)`` in training mode, with the
+    mesh axis ``axis`` bound (a ``vmap`` over ``slices`` slices of the batch: one slice, the
+    whole batch, is the plain forward pass; ``slices`` > 1 is Caffe's per-device batch norm)."""
+
+    def forward(params, state, key, x):
+        def run(xs, k):
+            return model.apply(params, state, xs, key=k, train=True)
+
+        if slices == 1:
+            outputs, new_state = jax.vmap(run, in_axes=(0, None), axis_name=axis)(
+                jax.tree.map(lambda a: a[None], x), key
+            )
+            return jax.tree.map(lambda a: a[0], (outputs, new_state))
+        xs = jax.tree.map(lambda a: a.reshape(slices, a.shape[0] // slices, *a.shape[1:]), x)
+        keys = jax.random.split(key, slices)
+        outputs, new_state = jax.vmap(run, axis_name=axis, spmd_axis_name=axis)(xs, keys)
+        outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), outputs)
+        return outputs, jax.tree.map(_slice_mean, new_state)
+
+    return forward
+
+
+def _slice_mean(a):
+    if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact):
+        return a.mean(axis=0).astype(a.dtype)
+    return a[0]
+
+
+def _batch_source(train_data, batch_size, seed, augment, dp):
+    if (
+        isinstance(train_data, tuple | list)
+        and len(train_data) == 2
+        and hasattr(train_data[1], "shape")
+    ):
+        return _Arrays(train_data[0], train_data[1], batch_size, seed, augment, dp)
+    if isinstance(train_data, Iterable) and not isinstance(train_data, str | bytes | Mapping):
+        return _Stream(train_data, batch_size, seed, augment, dp)
+    raise ValueError(
+        "fit: train_data must be a pair (x, y) of arrays or an iterable of (x, y) batches, got "
+        f"{type(train_data).__name__}"
+    )
+
+
+class _Arrays:
+    """Batches drawn from whole arrays: iteration ``i`` reads batch ``i % steps_per_epoch`` of
+    the permutation of epoch ``i // steps_per_epoch``."""
+
+    def __init__(self, x, y, batch_size, seed, augment, dp):
+        n = _num_examples(x, y, "train_data")
+        if not isinstance(batch_size, int) or not 0 < batch_size <= n:
+            raise ValueError(f"fit: batch_size={batch_size!r} must be an int in [1, {n}]")
+        if dp is not None:
+            dp.check_batch_size(batch_size, fn="fit")
+        self.arrays, self.n, self.batch_size = (x, y), n, batch_size
+        self.seed, self.augment, self.dp = seed, augment, dp
+        self.steps_per_epoch = n // batch_size
+        self.input_shape = _input_shape(x)
+
+    def batches(self, start, end):
+        """Yields ``(iteration, x_batch, y_batch, exhausted)`` for ``start <= iteration < end``;
+        ``exhausted`` is always False (arrays never run out)."""
+        x, y = self.arrays
+        rows = slice(None) if self.dp is None else self.dp.local_rows(self.batch_size)
+        perm_epoch, perm = -1, None
+        for it in range(start, end):
+            epoch, b = divmod(it, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = _data.epoch_order(self.n, seed=self.seed, epoch=epoch), epoch
+            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.augment is None:
+                batch = _take((x, y), idx[rows])
+            else:  # the whole global batch, so that every process augments it alike
+                xb, yb = self.augment(*_take((x, y), idx), _augment_rng(self.seed, it, None))
+                batch = jax.tree.map(lambda a: np.asarray(a)[rows], (xb, yb))
+            yield it, *_place_local(self.dp, batch), False
+
+
+class _Stream:
+    """Batches read from an iterable, one per iteration (see :func:`fit`)."""
+
+    def __init__(self, data, batch_size, seed, augment, dp):
+        self.data, self.seed, self.augment, self.dp = data, seed, augment, dp
+        self._it = iter(data)
+        self.reiterable = self._it is not data
+        first = next(self._it, None)
+        if first is None:
+            raise ValueError("fit: train_data yielded no batch")
+        self._first = _host_batch(first, 0)
+        self.local_size = _num_examples(*self._first, "a batch of train_data")
+        self.batch_size = self.local_size * jax.process_count()
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(
+                f"fit: batch_size={batch_size!r} disagrees with train_data's batches of "
+                f"{self.local_size} examples" + _per_process(jax.process_count())
+            )
+        if dp is not None:
+            dp.check_batch_size(self.batch_size, fn="fit", name="the batch size")
+        self.steps_per_epoch = len(data) if isinstance(data, Sized) else None
+        self.input_shape = _input_shape(self._first[0])
+        self.arrays = None
+
+    def batches(self, start, end):
+        """Yields ``(iteration, x_batch, y_batch, exhausted)``; ``exhausted`` is True for the
+        last batch of a one-shot iterator that runs out before ``end``."""
+        raw = self._raw()
+        for _ in range(start):
+            if next(raw, None) is None:
+                return
+        upcoming = next(raw, None)
+        for it in range(start, end):
+            if upcoming is None:
+                return
+            batch = upcoming
+            upcoming = next(raw, None) if it + 1 < end else None
+            exhausted = upcoming is None and it + 1 < end
+            if exhausted:
+                warnings.warn(
+                    f"fit: train_data ran out after {it + 1} iterations, before the "
+                    f"{end} asked for; the run ends there",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            if self.augment is not None:
+                batch = self.augment(*batch, _augment_rng(self.seed, it, jax.process_index()))
+            yield it, *_place_local(self.dp, batch), exhausted
+
+    def _raw(self):
+        """Full-size host batches, passes repeated while the iterable can be iterated again."""
+        yield self._first
+        index, it = 1, self._it
+        while True:
+            fresh = True
+            for item in it:
+                fresh = False
+                batch = _host_batch(item, index)
+                index += 1
+                size = _num_examples(*batch, "a batch of train_data")
+                if size > self.local_size:
+                    raise ValueError(
+                        f"fit: batch {index - 1} of train_data has {size} examples, more than "
+                        f"the first batch's {self.local_size}"
+                    )
+                if size == self.local_size:
+                    yield batch
+            if not self.reiterable or fresh:
+                return
+            it = iter(self.data)
+
+
+def _host_batch(item, index):
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise ValueError(
+            f"fit: batch {index} of train_data must be a pair (x, y), got {type(item).__name__}"
+        )
+    return jax.tree.map(np.asarray, (item[0], item[1]))
+
+
+def _per_process(processes):
+    return f" in each of {processes} processes" if processes > 1 else ""
+
+
+def _augment_rng(seed, iteration, process):
+    entropy = [seed, iteration, 1] + (
+        [] if process is None or jax.process_count() == 1 else [process]
+    )
+    return np.random.default_rng(entropy)
+
+
+def _place_local(dp, batch):
+    """A host batch (this process's rows) as the step's input: as is on one device, a global
+    array split over the mesh with one."""
+    return batch if dp is None else dp.shard_local(batch)
+
+
+def _run_length(iterations, epochs, steps_per_epoch):
+    if (iterations is None) == (epochs is None):
+        raise ValueError(f"fit: give exactly one of iterations={iterations} and epochs={epochs}")
+    if epochs is not None and steps_per_epoch is None:
+        raise ValueError(
+            f"fit: epochs={epochs} needs to know the epoch's length: train_data is an iterable "
+            "without len(); pass iterations instead"
+        )
+    total = iterations if iterations is not None else epochs * steps_per_epoch
+    if not isinstance(total, int) or total < 1:
+        raise ValueError(f"fit: the run must have at least one iteration, got {total!r}")
+    return total
+
+
+def _check_diagnostics_every(value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"fit: diagnostics_every={value!r} must be None or an int >= 1")
+
+
+def _pop_prefixed(out, prefix):
+    """Removes the ``prefix``-named entries from ``out``; returns them keyed by layer."""
+    return {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+
+
+class _Evaluator:
+    """``evaluator(train_state) -> {metric: value}`` on ``eval_data``, or disabled."""
+
+    def __init__(self, model, loss_fn, metrics, eval_data, batch_size, mesh, data_axis):
+        self.enabled = eval_data is not None
+        if self.enabled:
+            self.x, self.y = _unpack(eval_data, "eval_data")
+            self.step = make_eval_step(
+                model, loss_fn, metrics=metrics, mesh=mesh, data_axis=data_axis
+            )
+            self.batch_size = batch_size
+
+    def __call__(self, ts):
+        return evaluate(self.step, ts.params, ts.state, self.x, self.y, batch_size=self.batch_size)
+
+
+class _Recorder:
+    """Builds the history: averages the training metrics between records, measures images/s
+    (evaluation time excluded), adds evaluations, and updates the progress bar."""
+
+    def __init__(self, history, steps_per_epoch, bar):
+        self.history, self.steps_per_epoch, self.bar = history, steps_per_epoch, bar
+        self.record = None
+        self._reset_window()
+
+    def add_step(self, iteration, out, images, norms):
+        for name, value in out.items():
+            self.window.setdefault(name, []).append(float(value))
+        self.images += images
+        if norms:
+            self._current(iteration).update({f"{GRAD_NORM}{k}": float(v) for k, v in norms.items()})
+
+    def log(self, iteration):
+        elapsed = time.perf_counter() - self.t_window
+        record = self._current(iteration)
+        record |= {k: float(np.mean(v)) for k, v in self.window.items()}
+        record["images_per_s"] = self.images / max(elapsed, 1e-9)
+        self._reset_window()
+
+    def add_evaluation(self, iteration, result):
+        self._current(iteration).update({f"test_{k}": v for k, v in result.items()})
+        self.t_window = time.perf_counter()  # evaluation time is not training throughput
+
+    def flush(self, iteration):
+        if self.record is not None:
+            self.history.records.append(self.record)
+            self.bar.update(iteration, self.record)
+            self.record = None
+
+    def close(self):
+        self.bar.close()
+
+    def _current(self, iteration):
+        if self.record is None:
+            self.record = {"iteration": iteration}
+            if self.steps_per_epoch:
+                self.record["epoch"] = iteration / self.steps_per_epoch
+        return self.record
+
+    def _reset_window(self):
+        self.window, self.images, self.t_window = {}, 0, time.perf_counter()
+
+
+class _Checkpointer:
+    """Writes and reads the run's checkpoint (process 0 writes; every process reads)."""
+
+    def __init__(self, path, dp):
+        self.path, self.dp = path, dp
+        self.last = path if self.exists() else None
+
+    def exists(self):
+        return self.path is not None and os.path.exists(self.path)
+
+    def load(self, template):
+        train_state, start, history = _load_run(self.path, _to_host(self.dp, template))
+        if self.dp is not None:
+            train_state = self.dp.replicate(train_state)
+        return train_state, start, history
+
+    def save(self, train_state, iteration, history):
+        if self.path is None:
+            return
+        if _dist.is_main_process():
+            _save_run(self.path, _to_host(self.dp, train_state), iteration, history)
+        self.last = self.path
+
+
+def _non_finite_error(loss, it, previous, flags, layer_order, history, dp, last_ckpt):
+    layer, layer_it, where = _first_nonfinite_gradient(
+        _to_host(dp, previous), (it, _to_host(dp, flags)), layer_order
+    )
+    return NonFiniteLossError(
+        f"fit: the training loss became {loss} at iteration {it}; training stopped. {where} "
+        + (
+            f"The last good checkpoint is {last_ckpt}."
+            if last_ckpt
+            else "No checkpoint was written."
+        ),
+        iteration=it,
+        history=history,
+        checkpoint=last_ckpt,
+        layer=layer,
+        layer_iteration=layer_it,
+    )
 
 
 def _first_nonfinite_gradient(previous, current, order):
