@@ -55,15 +55,15 @@ def _fit(model, data, **kw):
     x, y, xt, yt = data
     kw.setdefault("batch_size", 32)
     kw.setdefault("iterations", 5)
+    if kw.pop("evaluate", True):
+        # batches of 20, 20 and 10 test examples: split over 4 devices, and run whole
+        kw.update(eval_data=(xt, yt), eval_batch_size=20, eval_every=kw.pop("eval_every", 5))
     return fl.train.fit(
         model,
         fl.losses.softmax_cross_entropy,
         fl.optim.sgd(0.05, momentum=0.9, weight_decay=5e-4),
         kw.pop("train_data", (x, y)),
         metrics={"accuracy": fl.losses.accuracy},
-        eval_data=(xt, yt),
-        eval_every=kw.pop("eval_every", 5),
-        eval_batch_size=kw.pop("eval_batch_size", 20),
         log_every=kw.pop("log_every", 5),
         progress=False,
         **kw,
@@ -99,8 +99,9 @@ def mesh_checks():
     xc = rng.normal(size=(64, 32, 32, 3)).astype(np.float32)
     yc = rng.integers(0, 10, 64).astype(np.int32)
     cdata = (xc, yc, xc[:16], yc[:16])
-    a, _ = _fit(fl.models.cifar10_bn(), cdata, batch_size=16, iterations=3, eval_every=3)
-    b, _ = _fit(fl.models.cifar10_bn(), cdata, batch_size=16, iterations=3, eval_every=3, mesh=mesh)
+    cifar = dict(batch_size=16, iterations=3, evaluate=False)
+    a, _ = _fit(fl.models.cifar10_bn(), cdata, **cifar)
+    b, _ = _fit(fl.models.cifar10_bn(), cdata, mesh=mesh, **cifar)
     out["fit_cifar10_bn"] = {
         "params": _max_diff(a.params, b.params),
         "state": _max_diff(a.state, b.state),
@@ -113,8 +114,9 @@ def mesh_checks():
     opt = fl.optim.sgd(0.1)
     x, y = data[0][:32], data[1][:32]
     ts = fl.train.create_train_state(model, opt, (-1, 28, 28, 1), jax.random.key(3))
-    step = fl.train.make_train_step(model, loss_fn, opt, mesh=mesh, batch_norm="per_device",
-                                    donate=False)
+    step = fl.train.make_train_step(
+        model, loss_fn, opt, mesh=mesh, batch_norm="per_device", donate=False
+    )
     got, metrics = step(ts, x, y)
     _, step_key = jax.random.split(ts.key)
     keys = jax.random.split(step_key, 4)
@@ -154,14 +156,17 @@ def mesh_checks():
 
     def plain_net():
         return fl.serial(
-            fl.Conv2D(6, 3, name="conv1"), fl.BatchNorm(name="bn1"), fl.ReLU(),
+            fl.Conv2D(6, 3, name="conv1"),
+            fl.BatchNorm(name="bn1"),
+            fl.ReLU(),
             fl.Dense(10, name="ip1"),
         )
 
-    a, _ = _fit(plain_net(), data, iterations=3)
-    b, _ = _fit(axis_net(), data, iterations=3)
-    c, _ = _fit(axis_net(), data, iterations=3, mesh=mesh)
-    d, _ = _fit(axis_net(), data, iterations=3, mesh=mesh, batch_norm="per_device")
+    short = dict(iterations=3, evaluate=False)
+    a, _ = _fit(plain_net(), data, **short)
+    b, _ = _fit(axis_net(), data, **short)
+    c, _ = _fit(axis_net(), data, mesh=mesh, **short)
+    d, _ = _fit(axis_net(), data, mesh=mesh, batch_norm="per_device", **short)
     out["axis_name"] = {
         "no_mesh": _max_diff(a.params, b.params),
         "mesh": _max_diff(a.params, c.params),
@@ -177,9 +182,16 @@ def mesh_checks():
             yield from fl.data.batches(x, y, 32, seed=0, epoch=epoch, drop_last=True)
             epoch += 1
 
-    a, _ = _fit(fl.models.lenet(), data, iterations=8, mesh=mesh)
-    b, _ = _fit(fl.models.lenet(), data, iterations=8, mesh=mesh, train_data=batches(),
-                batch_size=None)
+    a, _ = _fit(fl.models.lenet(), data, iterations=8, mesh=mesh, evaluate=False)
+    b, _ = _fit(
+        fl.models.lenet(),
+        data,
+        iterations=8,
+        mesh=mesh,
+        evaluate=False,
+        train_data=batches(),
+        batch_size=None,
+    )
     out["iterable_mesh"] = _max_diff(a.params, b.params)
 
     # predict and evaluate split their batches (and run an uneven last batch whole)
@@ -187,10 +199,22 @@ def mesh_checks():
     ts = fl.train.create_train_state(model, opt, (-1, 28, 28, 1), jax.random.key(0))
     p1 = fl.train.predict(model, ts.params, ts.state, data[2], batch_size=16)
     p2 = fl.train.predict(model, ts.params, ts.state, data[2], batch_size=16, mesh=mesh)
-    e1 = fl.train.evaluate(fl.train.make_eval_step(model, loss_fn), ts.params, ts.state,
-                           data[2], data[3], batch_size=16)
-    e2 = fl.train.evaluate(fl.train.make_eval_step(model, loss_fn, mesh=mesh), ts.params,
-                           ts.state, data[2], data[3], batch_size=16)
+    e1 = fl.train.evaluate(
+        fl.train.make_eval_step(model, loss_fn),
+        ts.params,
+        ts.state,
+        data[2],
+        data[3],
+        batch_size=16,
+    )
+    e2 = fl.train.evaluate(
+        fl.train.make_eval_step(model, loss_fn, mesh=mesh),
+        ts.params,
+        ts.state,
+        data[2],
+        data[3],
+        batch_size=16,
+    )
     out["predict"] = float(np.max(np.abs(p1 - p2)))
     out["evaluate"] = [e1["loss"], e2["loss"]]
 
@@ -229,23 +253,34 @@ def process_run(rank, port, directory, die=False):
     ckpt = os.path.join(ckpt_dir, "run.ckpt")
     out = {"process_count": jax.process_count(), "devices": jax.device_count()}
     if die:
+
         def dying(xb, yb, rng):
             if rank == 1 and rng is not None and len(out.setdefault("calls", [])) == 3:
                 os._exit(7)
             out.setdefault("calls", []).append(1)
             return xb, yb
 
-        _fit(fl.models.lenet(), data, iterations=200, mesh=mesh, augment=dying)
+        _fit(fl.models.lenet(), data, iterations=200, mesh=mesh, augment=dying, evaluate=False)
         return out
     # interrupted after 3 iterations, then resumed from process 0's checkpoint to 6
-    _fit(fl.models.lenet(), data, iterations=6, mesh=mesh, checkpoint_path=ckpt,
-         checkpoint_every=3, stop_after=3)
+    _fit(
+        fl.models.lenet(),
+        data,
+        iterations=6,
+        mesh=mesh,
+        checkpoint_path=ckpt,
+        checkpoint_every=3,
+        stop_after=3,
+    )
     out["files_after_first_call"] = sorted(os.listdir(ckpt_dir))
-    ts, history = _fit(fl.models.lenet(), data, iterations=6, mesh=mesh, checkpoint_path=ckpt,
-                       checkpoint_every=3)
+    ts, history = _fit(
+        fl.models.lenet(), data, iterations=6, mesh=mesh, checkpoint_path=ckpt, checkpoint_every=3
+    )
     host = jax.tree.map(np.asarray, fl.distributed.data_parallel(mesh).to_host(ts.params))
-    np.savez(os.path.join(directory, f"params-{rank}.npz"),
-             **{str(i): a for i, a in enumerate(jax.tree.leaves(host))})
+    np.savez(
+        os.path.join(directory, f"params-{rank}.npz"),
+        **{str(i): a for i, a in enumerate(jax.tree.leaves(host))},
+    )
     out["losses"] = [r.get("loss") for r in history.records]
     out["test_accuracy"] = history.records[-1]["test_accuracy"]
     jax.distributed.shutdown()
@@ -260,10 +295,14 @@ def single_process_reference(directory):
     import fnlayers as fl
 
     ts, history = _fit(fl.models.lenet(), _digits(), iterations=6)
-    np.savez(os.path.join(directory, "params-reference.npz"),
-             **{str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(ts.params))})
-    return {"losses": [r.get("loss") for r in history.records],
-            "test_accuracy": history.records[-1]["test_accuracy"]}
+    np.savez(
+        os.path.join(directory, "params-reference.npz"),
+        **{str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(ts.params))},
+    )
+    return {
+        "losses": [r.get("loss") for r in history.records],
+        "test_accuracy": history.records[-1]["test_accuracy"],
+    }
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def test_a_one_shot_iterator_that_runs_out_ends_the_run_with_a_warning(digits, t
     x, y = digits
     ckpt = tmp_path / "c.ckpt"
     with pytest.warns(RuntimeWarning, match="ran out after 5 iterations"):
-        ts, history = _fit(iter(_epoch_batches(x, y, 32, 0)), iterations=9, checkpoint_path=ckpt)
+        _, history = _fit(iter(_epoch_batches(x, y, 32, 0)), iterations=9, checkpoint_path=ckpt)
     assert history.records[-1]["iteration"] == 5
     assert fl.checkpoint.load_metadata(ckpt)["iteration"] == 5
 
@@ -269,6 +269,7 @@ def test_a_one_device_mesh_changes_nothing(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         b, hb = _fit((x, y), batch_size=32, mesh=mesh)
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a.params,
-                 b.params)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a.params, b.params
+    )
     assert [r["loss"] for r in ha.records] == pytest.approx([r["loss"] for r in hb.records])
