@@ -61,9 +61,11 @@ __all__ = [
 LossFn = Callable[[Any, Any], jax.Array]
 MetricFn = Callable[[Any, Any], jax.Array]
 
-#: Metric-name prefixes of the per-layer entries of :func:`make_train_step`.
-GRAD_NORM = "grad_norm/"
-GRAD_FINITE = "grad_finite/"
+#: The key of the per-layer gradient norms in a step's metrics (a dict ``{layer: norm}``); in
+#: ``fit``'s history the records carry them flat, as ``"grad_norm/<layer>"``.
+GRAD_NORM = "grad_norm"
+#: The key of the per-layer gradient finiteness flags in a step's metrics (``{layer: bool}``).
+GRAD_FINITE = "grad_finite"
 
 
 class TrainState(NamedTuple):
@@ -186,10 +188,10 @@ def make_train_step(
         (``fl.optim.sgd``); it may expose ``learning_rate_at(opt_state)`` for the metrics.
       metrics: extra ``name -> fn(outputs, y)`` computed on the training batch.
       donate: donate the incoming train state's buffers (they must not be used afterwards).
-      grad_norms: also return ``"grad_norm/<layer>"``, the L2 norm of each layer's gradient
-        (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only).
-      grad_finite: also return ``"grad_finite/<layer>"``, a bool scalar per layer with
-        parameters: whether its whole gradient is finite.
+      grad_norms: also return ``metrics["grad_norm"]``, ``{layer: L2 norm of the layer's
+        gradient}`` (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only).
+      grad_finite: also return ``metrics["grad_finite"]``, ``{layer: bool scalar}`` for the
+        layers with parameters: whether the layer's whole gradient is finite.
       mesh: None (one device), or a :class:`jax.sharding.Mesh` with an axis named
         ``data_axis``: every batch ``x, y`` (the global batch) is split along its first axis
         over that axis's devices, and the train state is replicated on every device
@@ -211,7 +213,7 @@ def make_train_step(
 
     Returns:
       The jitted step. Its metrics dict holds ``loss``, ``lr`` (when the optimizer reports
-      it), every extra metric, and the per-layer entries asked for, as device scalars
+      it), every extra metric, and the per-layer dicts asked for, as device scalars
       (replicated on every device with a mesh).
     """
     fn = "make_train_step"
@@ -240,11 +242,9 @@ def make_train_step(
         for name, metric in metrics.items():
             out[name] = metric(outputs, y)
         if grad_norms:
-            norms = _diagnostics.grad_norms(model, grads)
-            out |= {f"{GRAD_NORM}{layer}": v for layer, v in norms.items()}
+            out[GRAD_NORM] = _diagnostics.grad_norms(model, grads)
         if grad_finite:
-            flags = _diagnostics.finite(model, grads)
-            out |= {f"{GRAD_FINITE}{layer}": v for layer, v in flags.items()}
+            out[GRAD_FINITE] = _diagnostics.finite(model, grads)
         return TrainState(params, new_state, opt_state, key), out
 
     jitted = jax.jit(
@@ -490,14 +490,14 @@ def fit(
         for it, xb, yb, exhausted in source.batches(start, end):
             diagnose = diag_step is not None and (it == 0 or (it + 1) % diagnostics_every == 0)
             train_state, out = (diag_step if diagnose else step)(train_state, xb, yb)
-            flags = _pop_prefixed(out, GRAD_FINITE)
+            flags = out.pop(GRAD_FINITE)
             loss = float(out["loss"])
             if not math.isfinite(loss):
                 raise _non_finite_error(
                     loss, it, previous, flags, layer_order, history, dp, checkpointer.last
                 )
             previous = (it, flags)
-            norms = _to_host(dp, _pop_prefixed(out, GRAD_NORM))
+            norms = _to_host(dp, out.pop(GRAD_NORM, {}))
             done = it + 1
             recorder.add_step(done, out, source.batch_size, norms)
             if done % log_every == 0 or done == total or exhausted:
@@ -735,11 +735,6 @@ def _check_diagnostics_every(value):
         raise ValueError(f"fit: diagnostics_every={value!r} must be None or an int >= 1")
 
 
-def _pop_prefixed(out, prefix):
-    """Removes the ``prefix``-named entries from ``out``; returns them keyed by layer."""
-    return {k[len(prefix) :]: out.pop(k) for k in list(out) if k.startswith(prefix)}
-
-
 class _Evaluator:
     """``evaluator(train_state) -> {metric: value}`` on ``eval_data``, or disabled."""
 
@@ -770,7 +765,9 @@ class _Recorder:
             self.window.setdefault(name, []).append(float(value))
         self.images += images
         if norms:
-            self._current(iteration).update({f"{GRAD_NORM}{k}": float(v) for k, v in norms.items()})
+            self._current(iteration).update(
+                {f"{GRAD_NORM}/{k}": float(v) for k, v in norms.items()}
+            )
 
     def log(self, iteration):
         elapsed = time.perf_counter() - self.t_window
