@@ -9,7 +9,8 @@ of :func:`im2col` is ``(N, OH, OW, KH*KW*C)`` with columns ordered ``(kh, kw, c)
 ``im2col`` and ``col2im`` are registered as a pair of linear JAX primitives, each the transpose
 of the other. Autodiff of ``conv2d`` therefore gives the backward pass the design asks for: two
 matrix products (``dW = colsᵀ·dY``, ``dcols = dY·Wᵀ``) and one ``col2im``, never autodiff of
-the slices that build the columns; forward mode, higher orders, ``jit`` and ``vmap`` all work.
+the slices that build the columns; forward mode, higher orders, ``jit``, ``vmap``, ``pmap`` and
+``shard_map`` all work, as does a whole-batch program on a sharded batch under ``jax.set_mesh``.
 When a layer's column matrix is large, ``conv2d`` runs that same im2col + product over blocks of
 the batch (or of output rows) sized to stay in cache, rebuilding each block's columns in the
 backward pass (docs/performance.md has the measurements).
@@ -20,6 +21,7 @@ every benchmark compares against.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +83,10 @@ def conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1, impl="im2
             preferred_element_type=_acc_dtype(x.dtype),
         ).astype(x.dtype)
     else:
-        y = _conv_im2col(x, w, stride, padding, dilation, groups)
+        conv = functools.partial(
+            _conv_im2col, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
+        y = _per_example(conv, x, w)
     if y.shape[1:] != out_shape[1:]:  # pragma: no cover - guards the shape rule itself
         raise RuntimeError(f"conv2d: computed {y.shape}, expected {out_shape}")
     return _add_bias(y, b, fn)
@@ -110,14 +115,18 @@ def conv_transpose2d(x, w, b=None, *, stride=1, padding=0, dilation=1, groups=1)
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, fn=fn
     )
     stride, padding, dilation = _pairs(stride, padding, dilation, fn)
-    kh, kw, c_out_g, c_in = w.shape
-    n, h, wd = x.shape[:3]
-    xg = x.reshape(n, h, wd, groups, c_in // groups)
-    wg = w.reshape(kh * kw, c_out_g, groups, c_in // groups)
-    cols = jnp.einsum("nhwgm,kcgm->nhwkgc", xg, wg, preferred_element_type=_acc_dtype(x.dtype))
-    cols = cols.astype(x.dtype).reshape(n, h, wd, kh * kw * c_out_g * groups)
-    y = _col2im(cols, out_shape[1:3], (kh, kw), stride, padding, dilation)
-    return _add_bias(y, b, fn)
+
+    def deconv(x, w):
+        kh, kw, c_out_g, c_in = w.shape
+        n, h, wd = x.shape[:3]
+        xg = x.reshape(n, h, wd, groups, c_in // groups)
+        wg = w.reshape(kh * kw, c_out_g, groups, c_in // groups)
+        acc = _acc_dtype(x.dtype)
+        cols = jnp.einsum("nhwgm,kcgm->nhwkgc", xg, wg, preferred_element_type=acc)
+        cols = cols.astype(x.dtype).reshape(n, h, wd, kh * kw * c_out_g * groups)
+        return _col2im(cols, out_shape[1:3], (kh, kw), stride, padding, dilation)
+
+    return _add_bias(_per_example(deconv, x, w), b, fn)
 
 
 def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
@@ -137,7 +146,8 @@ def im2col(x, kernel_size, *, stride=1, padding=0, dilation=1):
     kernel = as_pair(kernel_size, fn=fn, name="kernel_size", minimum=1)
     stride, padding, dilation = _pairs(stride, padding, dilation, fn)
     conv_output_size(x.shape[1:3], kernel, stride, padding, dilation, fn=fn)
-    return _im2col(x, kernel, stride, padding, dilation)
+    pairs = dict(kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    return _per_example(_im2col, x, **pairs)
 
 
 def col2im(cols, image_size, kernel_size, *, stride=1, padding=0, dilation=1):
@@ -164,7 +174,9 @@ def col2im(cols, image_size, kernel_size, *, stride=1, padding=0, dilation=1):
             f"col2im: cols shape {cols.shape} does not fit image_size={image} with "
             f"kernel_size={kernel}: expected (N, {oh}, {ow}, {kernel[0]}*{kernel[1]}*C)"
         )
-    return _col2im(cols, image, kernel, stride, padding, dilation)
+    return _per_example(
+        _col2im, cols, image=image, kernel=kernel, stride=stride, padding=padding, dilation=dilation
+    )
 
 
 def conv_output_size(image_size, kernel_size, stride=1, padding=0, dilation=1, *, fn="conv"):
@@ -256,6 +268,27 @@ def conv_transpose_output_shape(
 # ----------------------------------------------------------------------------- internals
 
 
+def _per_example(op, x, *arrays, **static):
+    """``op(x, *arrays, **static)`` for an op that computes every example of ``x`` (axis 0) on
+    its own, with ``arrays`` (weights) shared by all examples; ``static`` are Python values.
+
+    Under ``jax.set_mesh`` of a mesh with Explicit axes (shardings in the types), the op runs
+    with those axes made Auto (``jax.sharding.auto_axes``): the index arithmetic of im2col and
+    col2im (reshapes that fold the width into stride phases, cut the image into tiles, or merge
+    the groups into the batch) has no sharding rule in the types, while XLA partitions it as it
+    does any other program. The result has ``x``'s sharding of the batch axis. Without Explicit
+    axes this is ``op(x, *arrays, **static)`` itself.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.explicit_axes:
+        return op(x, *arrays, **static)
+    spec = jax.typeof(x).sharding.spec
+    batch = jax.sharding.PartitionSpec(spec[0] if len(spec) else None)
+    return jax.sharding.auto_axes(
+        functools.partial(op, **static), axes=mesh.explicit_axes, out_sharding=batch
+    )(x, *arrays)
+
+
 def _pairs(stride, padding, dilation, fn):
     return (
         as_pair(stride, fn=fn, name="stride", minimum=1),
@@ -343,14 +376,21 @@ def _conv_block(x, wm, kernel, stride, padding, dilation, groups, isolate_col2im
 # blocks of half the size: with 8 MB blocks AlexNet conv1 ran 6-15% slower than with 4 MB, while
 # the one-pass stacked build gained up to 18% (CIFAR10-quick conv2) from 4 to 8 MB. On
 # accelerators the blocks would only serialise the work, so tiling is for the CPU backend alone
-# (decided when the function is traced, from JAX's default backend).
+# (decided when the function is traced, from JAX's default backend and mesh: _tile_for_cache).
 _BLOCK_BYTES = 8 << 20
 _TILE_ABOVE_BYTES = 16 << 20
 
 
 def _tile_for_cache():
-    """Whether convolutions traced now are tiled: on the CPU backend only."""
-    return jax.default_backend() == "cpu"
+    """Whether convolutions traced now are tiled: on the CPU backend, and not inside a step
+    partitioned over several devices (``jax.set_mesh``, as ``fit(mesh=...)`` traces it): a
+    ``scan`` over blocks of a sharded batch is not partitioned by XLA, which would gather the
+    whole batch onto every device and compute every block there. The body of a ``shard_map``
+    is no such step: over its manual axes each device runs it on its own shard, which is
+    tiled as on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    partitioned = math.prod(n for a, n in mesh.shape.items() if a not in mesh.manual_axes)
+    return jax.default_backend() == "cpu" and partitioned <= 1
 
 
 def _largest_divisor(n, cap):
@@ -370,7 +410,7 @@ def _tiling(n, oh, row_bytes, block_bytes=None):
     return rows, _largest_divisor(windows, block_bytes // (rows * row_bytes))
 
 
-def _conv_im2col(x, w, stride, padding, dilation, groups):
+def _conv_im2col(x, w, *, stride, padding, dilation, groups):
     """``im2col`` then one product; over blocks (a ``lax.scan``) when the columns are large.
 
     A block is a few examples, or a window of output rows of one example (the input rows it reads,
@@ -706,14 +746,21 @@ def _col2im_phases(cols, kernel, stride, padding, dilation, image):
     return _pad_crop(full, -ph, ph + h - lh * sh, -pw, pw + w - lw * sw)
 
 
+# The output type is the operand's with a new shape: dtype, sharding and the manual axes it
+# varies over (shard_map's check_vma) carried over. Typed afresh as ShapedArray(shape, dtype),
+# the columns of a per-device shard were "the same on every device", so dW = colsᵀ·dY was not
+# summed over the devices (per-device weight gradients, silently) and the transposes failed on
+# the cotangent's type.
+
+
 def _im2col_abstract(x, *, kernel, stride, padding, dilation, image, isolate_col2im):
     oh, ow = conv_output_size(image, kernel, stride, padding, dilation, fn="im2col")
-    return jax.core.ShapedArray((x.shape[0], oh, ow, kernel[0] * kernel[1] * x.shape[3]), x.dtype)
+    return x.update(shape=(x.shape[0], oh, ow, kernel[0] * kernel[1] * x.shape[3]))
 
 
 def _col2im_abstract(cols, *, kernel, stride, padding, dilation, image, isolate_col2im):
     c = cols.shape[3] // (kernel[0] * kernel[1])
-    return jax.core.ShapedArray((cols.shape[0], *image, c), cols.dtype)
+    return cols.update(shape=(cols.shape[0], *image, c))
 
 
 def _batch_rule(prim):

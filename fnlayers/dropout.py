@@ -26,7 +26,10 @@ def dropout(x, rate, *, key=None, train=False):
     Returns:
       An array of ``x.shape`` and ``x.dtype``. Train: ``y = x * mask / (1 - p)`` with
       ``mask ~ Bernoulli(1 - p)`` drawn elementwise from ``key`` (the same key gives the same
-      mask), so the gradient is ``dy * mask / (1 - p)``. Test: ``y = x``.
+      mask), so the gradient is ``dy * mask / (1 - p)``. Test: ``y = x``. Under ``pmap`` or
+      ``shard_map`` a key replicated over the devices draws the same mask on every device's
+      shard; for independent masks fold in the device, e.g.
+      ``jax.random.fold_in(key, lax.axis_index("data"))``.
 
     Raises:
       ValueError: ``rate`` outside ``[0, 1)``, or ``train=True`` without a key (the message

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from fnlayers._checks import as_pair, check_choice, check_float_array, check_rank
+from fnlayers.conv import _per_example
 from fnlayers.conv import im2col_p as _im2col_p
 
 __all__ = [
@@ -67,7 +68,8 @@ def max_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
     """
     fn = "max_pool"
     x, window, stride, padding, out_hw = _prepare(x, window, stride, padding, rounding, fn)
-    return _max_pool(x, window=window, stride=stride, padding=padding, out_hw=out_hw)
+    cfg = dict(window=window, stride=stride, padding=padding, out_hw=out_hw)
+    return _per_example(_max_pool, x, **cfg)
 
 
 def avg_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
@@ -86,7 +88,8 @@ def avg_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
     """
     fn = "avg_pool"
     x, window, stride, padding, out_hw = _prepare(x, window, stride, padding, rounding, fn)
-    return _avg_pool(x, window=window, stride=stride, padding=padding, out_hw=out_hw)
+    cfg = dict(window=window, stride=stride, padding=padding, out_hw=out_hw)
+    return _per_example(_avg_pool, x, **cfg)
 
 
 def stochastic_pool(x, window, *, stride=1, key=None, train=False):
@@ -109,6 +112,9 @@ def stochastic_pool(x, window, *, stride=1, key=None, train=False):
         ``thres``. For ``a >= 0`` that picks element i with probability ``a_i / sum(a)`` (an
         all-zero window gives 0). The gradient goes to the picked element only.
       * ``train=False``: ``sum(a^2) / sum(a)`` where ``sum(a) > 0``, else 0.
+
+    As for :func:`fnlayers.dropout`, under ``pmap`` or ``shard_map`` a replicated key draws the
+    same numbers on every device's shard.
 
     Negative inputs are not a distribution, but both modes still run Caffe's arithmetic
     literally and stay finite: in test mode a window whose sum is <= 0 gives 0, and one whose
