@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def test_fit_on_a_generator_equals_fit_on_the_arrays(digits):
 
     a, ha = _fit((x, y), batch_size=32)
     b, hb = _fit(generator())
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    chex.assert_trees_all_equal(a.params, b.params)
     assert [r["loss"] for r in ha.records] == [r["loss"] for r in hb.records]
     assert "epoch" not in hb.records[0]  # a generator has no len(): no epoch to report
 
@@ -223,7 +224,7 @@ def test_a_reiterable_with_len_repeats_its_passes_and_counts_epochs(digits):
     assert hb.records[-1]["iteration"] == 10 and hb.records[-1]["epoch"] == 2.0
     # the same as feeding the pass twice by hand
     a, _ = _fit(iter(one_pass + one_pass), iterations=10)
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    chex.assert_trees_all_equal(a.params, b.params)
 
 
 def test_a_one_shot_iterator_that_runs_out_ends_the_run_with_a_warning(digits, tmp_path):
@@ -241,7 +242,7 @@ def test_smaller_batches_are_skipped_and_larger_ones_rejected(digits):
     short = [batches[0], (x[:5], y[:5]), *batches[1:3]]
     a, _ = _fit(short, iterations=3)
     b, _ = _fit(batches[:3], iterations=3)
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    chex.assert_trees_all_equal(a.params, b.params)
     with pytest.raises(ValueError, match="batch 1 of train_data has 64 examples"):
         _fit([batches[0], (x[:64], y[:64])], iterations=2)
     with pytest.raises(ValueError, match="batch_size=16 disagrees"):
@@ -259,7 +260,7 @@ def test_resume_from_a_checkpoint_skips_the_batches_already_seen(digits, tmp_pat
     ckpt = tmp_path / "r.ckpt"
     _fit(list(batches), iterations=8, checkpoint_path=ckpt, stop_after=3)
     resumed, _ = _fit(list(batches), iterations=8, checkpoint_path=ckpt)
-    jax.tree.map(np.testing.assert_array_equal, whole.params, resumed.params)
+    chex.assert_trees_all_equal(whole.params, resumed.params)
 
 
 def test_a_one_device_mesh_changes_nothing(digits):
