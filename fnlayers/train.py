@@ -26,6 +26,7 @@ reads batches from any iterable (a generator, a PyTorch ``DataLoader``) instead 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -290,15 +291,31 @@ def make_eval_step(
     return _on_mesh(_data_parallel(mesh, data_axis, "make_eval_step"), step)
 
 
-def evaluate(eval_step, params, state, x, y, *, batch_size: int = 100) -> dict[str, float]:
+def evaluate(
+    eval_step,
+    params,
+    state,
+    x,
+    y,
+    *,
+    batch_size: int = 100,
+    mesh=None,
+    data_axis: str = "data",
+) -> dict[str, float]:
     """Runs ``eval_step`` over ``(x, y)`` in order and averages each metric, weighting every
     batch by its size (the last batch may be smaller). ``x``/``y`` may be pytrees of arrays.
-    An ``eval_step`` made with a mesh evaluates on every device of it."""
+
+    With a ``mesh`` (see :func:`make_train_step`) every batch that splits evenly is split over
+    the devices of its ``data_axis`` and ``eval_step`` (any jitted function, e.g. from
+    :func:`make_eval_step` without a mesh) runs partitioned; an ``eval_step`` made with a mesh
+    does this itself."""
     n = _num_examples(x, y, "evaluate")
+    dp = _data_parallel(mesh, data_axis, "evaluate")
+    run = eval_step if dp is None else functools.partial(_placed, dp, eval_step)
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        out = eval_step(params, state, _take(x, idx), _take(y, idx))
+        out = run(params, state, _take(x, idx), _take(y, idx))
         for name, value in out.items():
             totals[name] = totals.get(name, 0.0) + float(value) * len(idx)
     return {name: total / n for name, total in totals.items()}
@@ -520,21 +537,23 @@ def _data_parallel(mesh, data_axis, fn):
 
 
 def _on_mesh(dp, fn):
-    """``fn`` jit-compiled; with a mesh, its arguments placed (the first two replicated, the
-    others split over the devices when their batch splits evenly, else replicated) and its
+    """``fn`` jit-compiled; with a mesh, its arguments placed (:func:`_placed`) and its
     results replicated."""
     jitted = jax.jit(fn, out_shardings=None if dp is None else dp.replicated)
     if dp is None:
         return jitted
+    return functools.partial(_placed, dp, jitted)
 
-    def run(params, state, *batch):
-        sizes = {int(np.shape(leaf)[0]) for leaf in jax.tree.leaves(batch)}
-        even = all(size % dp.size == 0 and size % jax.process_count() == 0 for size in sizes)
-        placed = dp.shard(batch) if even else dp.replicate(batch)
-        with dp.context():
-            return jitted(*dp.replicate((params, state)), *placed)
 
-    return run
+def _placed(dp, fn, params, state, *batch):
+    """``fn(params, state, *batch)`` in the mesh's context, with ``params`` and ``state``
+    replicated and the batch split over the devices when it splits evenly (else replicated:
+    the last, smaller batch of an evaluation)."""
+    sizes = {int(np.shape(leaf)[0]) for leaf in jax.tree.leaves(batch)}
+    even = all(size % dp.size == 0 and size % jax.process_count() == 0 for size in sizes)
+    placed = dp.shard(batch) if even else dp.replicate(batch)
+    with dp.context():
+        return fn(*dp.replicate((params, state)), *placed)
 
 
 def _to_host(dp, tree):

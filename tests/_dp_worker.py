@@ -216,7 +216,16 @@ def mesh_checks():
         batch_size=16,
     )
     out["predict"] = float(np.max(np.abs(p1 - p2)))
-    out["evaluate"] = [e1["loss"], e2["loss"]]
+    e3 = fl.train.evaluate(
+        fl.train.make_eval_step(model, loss_fn),
+        ts.params,
+        ts.state,
+        data[2],
+        data[3],
+        batch_size=16,
+        mesh=mesh,
+    )
+    out["evaluate"] = [e1["loss"], e2["loss"], e3["loss"]]
 
     # errors name the argument and the value
     errors = {}

@@ -107,8 +107,8 @@ def test_iterable_on_a_mesh_equals_arrays(mesh_results):
 
 def test_predict_and_evaluate_on_a_mesh(mesh_results):
     assert mesh_results["predict"] < 1e-5
-    a, b = mesh_results["evaluate"]
-    assert a == pytest.approx(b, rel=1e-5)
+    a, b, c = mesh_results["evaluate"]
+    assert a == pytest.approx(b, rel=1e-5) and a == pytest.approx(c, rel=1e-5)
 
 
 def test_mesh_errors_name_the_argument(mesh_results):
