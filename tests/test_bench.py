@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fnlayers.bench import cli
 from fnlayers.bench import conv as conv_bench
 
@@ -113,3 +115,72 @@ def test_floor_step_script_times_products_of_the_blocks():
     case = conv_bench.ConvCase("c", 2, 6, 6, 3, 4, 3, padding=1)
     seconds, shape = module._jax_products(case, True, reps=1)
     assert seconds > 0 and shape == {"m": 72, "k": 27, "o": 4, "groups": 1, "blocks": 1}
+
+
+def test_scale_benchmark_reruns_with_host_devices_and_computes_ratios(tmp_path):
+    """``scale`` on a 1-device CPU reruns itself with 4 forced host devices (a subprocess, as a
+    user would start it); the JSON has a weak and a strong row per device count, the ratios and
+    the all-reduce volumes. No timing is asserted."""
+    import os
+    import subprocess
+    import sys
+
+    from fnlayers.bench import scale
+
+    out = tmp_path / "scale.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(scale.FORCE_FLAG)
+    )
+    cmd = [sys.executable, "-m", "fnlayers.bench.cli", "scale", "--tiny", "--devices", "1,2,4"]
+    proc = subprocess.run(
+        [*cmd, "--reps", "1", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "running again with" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["suite"] == "scale"
+    assert payload["devices"] == [1, 2, 4] and payload["skipped_devices"] == []
+    assert payload["environment"]["device"]["count"] == 4
+    assert f"{scale.FORCE_FLAG}=4" in payload["environment"]["env"]["XLA_FLAGS"]
+    assert "not a speedup" in payload["note"]
+    case = scale.TINY_MODELS[0]
+    grad = payload["models"][case.name]["gradient_bytes"]
+    assert grad == 4 * payload["models"][case.name]["parameters"] > 0
+    rows = {(r["mode"], r["devices"]): r for r in payload["results"]}
+    assert set(rows) == {(m, k) for m in ("weak", "strong") for k in (1, 2, 4)}
+    for (mode, k), r in rows.items():
+        assert r["model"] == case.name
+        expected = case.batch * k if mode == "weak" else case.batch * 4
+        assert r["global_batch"] == expected and r["per_device_batch"] == expected // k
+        assert r["median_ms"] > 0 and r["images_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["images_per_s"] / rows[mode, 1]["images_per_s"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / k)
+        assert r["allreduce_bytes_per_device"] == pytest.approx(2 * (k - 1) / k * grad)
+    assert rows["weak", 1]["speedup"] == 1.0 and rows["strong", 1]["efficiency"] == 1.0
+    (overhead,) = payload["overhead"]
+    assert overhead["batch"] == case.batch
+    assert overhead["ratio"] == pytest.approx(
+        overhead["mesh1"]["median_ms"] / overhead["plain"]["median_ms"]
+    )
+    table = out.with_suffix(".md").read_text()
+    assert "| model | mode | devices |" in table and "1-device mesh ms" in table
+
+
+def test_scale_helpers_and_errors(capsys):
+    from fnlayers.bench import scale
+
+    assert scale.default_devices(1) == [1]
+    assert scale.default_devices(4) == [1, 2, 4]
+    assert scale.default_devices(6) == [1, 2, 4, 6]
+    assert scale.ring_allreduce_bytes(1000, 1) == 0
+    assert scale.ring_allreduce_bytes(1000, 4) == 1500
+    assert cli.main(["scale", "--models", "nope", "--no-out"]) == 2
+    assert cli.main(["scale", "--devices", "1,x", "--no-out"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "--devices" in err

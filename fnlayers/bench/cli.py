@@ -5,12 +5,21 @@ fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col
 fnlayers-bench train [--quick | --tiny] [--out results.json] [--models a,b]
                      [--frameworks fnlayers,fnlayers-xla,flax,torch] [--batch NAME=N]
                      [--no-memory | --memory] [--torch-threads N] [--reps N]
+fnlayers-bench scale [--quick | --tiny] [--out results.json] [--devices 1,2,4] [--models a,b]
+                     [--batch NAME=N] [--global-batch NAME=N] [--reps N] [--no-overhead]
+
+On a CPU where JAX sees fewer devices than ``scale --devices`` asks for, and ``XLA_FLAGS`` does
+not force a host device count, ``scale`` reruns itself in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=<largest count>`` (host devices share the
+machine's cores: such runs measure overhead, not speedup).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import subprocess
 import sys
 
 __all__ = ["main"]
@@ -94,6 +103,78 @@ def _train(args) -> int:
     return 0
 
 
+def _scale(args) -> int:
+    import dataclasses
+
+    from fnlayers.bench import scale
+
+    try:
+        devices = [int(k) for k in args.devices.split(",")] if args.devices else None
+    except ValueError:
+        print(f"--devices {args.devices!r}: expected counts like 1,2,4", file=sys.stderr)
+        return 2
+    if devices is not None and min(devices) < 1:
+        print(f"--devices {args.devices!r}: counts must be >= 1", file=sys.stderr)
+        return 2
+    if args.tiny:
+        models = list(scale.TINY_MODELS)
+    elif args.models:
+        names = args.models.split(",")
+        known = {m.name: m for m in scale.KNOWN}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            print(f"unknown model(s) {unknown}; known: {list(known)}", file=sys.stderr)
+            return 2
+        models = [known[n] for n in names]
+        if args.quick:  # the quick suite's small batch
+            models = [dataclasses.replace(m, batch=scale.QUICK_MODELS[0].batch) for m in models]
+    else:
+        models = list(scale.QUICK_MODELS if args.quick else scale.MODELS)
+    for field, specs in (("batch", args.batch), ("global_batch", args.global_batch)):
+        for spec in specs or []:
+            name, _, value = spec.partition("=")
+            models = [
+                dataclasses.replace(m, **{field: int(value)}) if m.name == name else m
+                for m in models
+            ]
+    rerun = _rerun_with_host_devices(args.argv, max(devices) if devices else 4)
+    if rerun is not None:
+        return rerun
+    quick = args.quick or args.tiny
+    out = None if args.no_out else (args.out or _default_out("scale", quick))
+    scale.run(
+        quick=quick,
+        models=models,
+        devices=devices,
+        reps=args.reps,
+        overhead=not args.no_overhead,
+        out=out,
+    )
+    return 0
+
+
+def _rerun_with_host_devices(argv, wanted: int) -> int | None:
+    """On a CPU with fewer than ``wanted`` devices and no forced host device count in
+    ``XLA_FLAGS``: runs ``argv`` again in a subprocess whose ``XLA_FLAGS`` forces ``wanted``
+    host devices (JAX fixes its device count when its backend starts, so this process cannot
+    change it) and returns its exit status; else None."""
+    import jax
+
+    from fnlayers.bench.scale import FORCE_FLAG
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if jax.devices()[0].platform != "cpu" or jax.device_count() >= wanted or FORCE_FLAG in flags:
+        return None
+    env = dict(os.environ, XLA_FLAGS=f"{flags} {FORCE_FLAG}={wanted}".strip())
+    print(
+        f"JAX sees {jax.device_count()} CPU device(s); running again with "
+        f"XLA_FLAGS={env['XLA_FLAGS']!r} ({wanted} host devices sharing {os.cpu_count()} cores)",
+        flush=True,
+    )
+    cmd = [sys.executable, "-m", "fnlayers.bench.cli", *argv]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fnlayers-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="suite", required=True)
@@ -139,7 +220,38 @@ def main(argv=None) -> int:
     )
     t.add_argument("--reps", type=int, help="timed steps per case")
     t.set_defaults(func=_train)
+
+    s = sub.add_parser(
+        "scale", help="images/s of the data-parallel train step on 1, 2, 4, ... devices"
+    )
+    s.add_argument(
+        "--quick", action="store_true", help="CIFAR10-quick only, batch 16/device, 3 reps"
+    )
+    s.add_argument("--tiny", action="store_true", help="LeNet, batch 2/device: a smoke test")
+    s.add_argument("--out", help="JSON path (a .md table is written beside it)")
+    s.add_argument("--no-out", action="store_true", help="print only, write no files")
+    s.add_argument(
+        "--devices",
+        help="comma-separated device counts (default: 1,2,4,... up to the devices JAX sees; "
+        "1,2,4 on a CPU with one device)",
+    )
+    s.add_argument("--models", help="comma-separated: cifar10_quick,alexnet (or lenet)")
+    s.add_argument(
+        "--batch", action="append", help="NAME=N: per-device batch of weak scaling (repeatable)"
+    )
+    s.add_argument(
+        "--global-batch",
+        action="append",
+        help="NAME=N: global batch of strong scaling (default: batch x the largest count)",
+    )
+    s.add_argument("--reps", type=int, help="timed steps per case")
+    s.add_argument(
+        "--no-overhead", action="store_true", help="skip the 1-device mesh vs plain step timing"
+    )
+    s.set_defaults(func=_scale)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 
