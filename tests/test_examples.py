@@ -39,6 +39,10 @@ EXAMPLES = {
         ["examples/train_lenet.py", "--epochs", "1"],
         r"final test accuracy: (\d\.\d{3})",
     ),
+    "data_parallel": (
+        ["examples/data_parallel.py", "--epochs", "1"],
+        r"final test accuracy: (\d\.\d{3}) on (\d+) devices",
+    ),
     "conv_demo": (
         ["examples/conv_demo.py"],
         r"output \(8, 10\) \(init predicted \(-1, 10\)\)",
@@ -131,3 +135,20 @@ def test_train_lenet_one_epoch(started):
 
 def test_conv_demo(started):
     parse_last_line(started, "conv_demo")
+
+
+def test_data_parallel_matches_one_device(started):
+    import jax
+
+    (accuracy, devices), out = parse_last_line(started, "data_parallel")
+    assert 0.0 <= accuracy <= 1.0
+    if jax.devices()[0].platform == "cpu" and "host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        assert devices == 4  # the example's --cpu-devices default
+    stdout = (out / "stdout.txt").read_text()
+    match = re.search(r"max \|mesh - one device\| = (\S+)", stdout)
+    assert match, stdout
+    assert float(match.group(1)) < 1e-5  # the same numbers, summed in another order
+    for name in ("checkpoint.npz", "history.json"):
+        assert (out / name).is_file(), name
