@@ -244,7 +244,7 @@ def mesh_checks():
     return out
 
 
-def process_run(rank, port, directory, die=False):
+def process_run(rank, port, directory, die=False, disagree=False):
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -261,6 +261,16 @@ def process_run(rank, port, directory, die=False):
     os.makedirs(ckpt_dir, exist_ok=True)
     ckpt = os.path.join(ckpt_dir, "run.ckpt")
     out = {"process_count": jax.process_count(), "devices": jax.device_count()}
+    if disagree:
+        # the same relative path names a file in process 0's working directory only
+        os.chdir(os.path.join(directory, f"cwd-{rank}"))
+        if rank == 0:
+            fl.checkpoint.save("run.ckpt", {"x": np.zeros(1)}, iteration=1, history=[])
+        try:
+            _fit(fl.models.lenet(), data, iterations=2, mesh=mesh, checkpoint_path="run.ckpt")
+        except ValueError as e:
+            out["error"] = str(e)
+        return out
     if die:
 
         def dying(xb, yb, rng):
@@ -322,6 +332,6 @@ if __name__ == "__main__":
         result = single_process_reference(sys.argv[3])
     else:
         rank, port, directory = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        result = process_run(rank, port, directory, die=mode == "die")
+        result = process_run(rank, port, directory, die=mode == "die", disagree=mode == "disagree")
     with open(out_path, "w") as f:
         json.dump(result, f)

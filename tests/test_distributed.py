@@ -175,6 +175,19 @@ def test_a_killed_peer_makes_the_survivor_exit_non_zero_within_the_bound(tmp_pat
     assert time.monotonic() - start < DEATH_BOUND_S
 
 
+def test_processes_that_disagree_about_the_checkpoint_stop_before_training(tmp_path):
+    port = _free_port()
+    for rank in (0, 1):
+        (tmp_path / f"cwd-{rank}").mkdir()
+    procs = [_start("disagree", rank, port, tmp_path) for rank in (0, 1)]
+    for proc, out in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        error = json.loads(out.read_text())["error"]
+        assert "exists in processes [0] but not in [1]" in error
+        assert "filesystem they share" in error
+
+
 # --------------------------------------------------------------- one device, in this process
 
 
@@ -261,6 +274,13 @@ def test_resume_from_a_checkpoint_skips_the_batches_already_seen(digits, tmp_pat
     _fit(list(batches), iterations=8, checkpoint_path=ckpt, stop_after=3)
     resumed, _ = _fit(list(batches), iterations=8, checkpoint_path=ckpt)
     chex.assert_trees_all_equal(whole.params, resumed.params)
+
+
+def test_the_checkpoint_directory_is_made_before_training(digits, tmp_path):
+    x, y = digits
+    path = tmp_path / "new" / "dir" / "run.ckpt"
+    _fit((x, y), batch_size=32, iterations=2, checkpoint_path=path)
+    assert fl.checkpoint.load_metadata(path)["iteration"] == 2
 
 
 def test_a_one_device_mesh_changes_nothing(digits):
