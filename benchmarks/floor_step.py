@@ -7,7 +7,7 @@ step (forward ``cols·W``; backward ``dYᵀ·cols`` and, except for conv1 whose 
 PyTorch's whole train step of the same network (``fnlayers.bench.train``). If the products alone
 take longer than PyTorch's whole step, an im2col network cannot reach it on this machine.
 
-    python benchmarks/floor_step.py [--out benchmarks/results/floor-step.json]
+    python benchmarks/floor_step.py [--out benchmarks/results/YYYY-MM-DD-cpu-floor-step.json]
 """
 
 from __future__ import annotations

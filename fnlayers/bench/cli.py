@@ -28,9 +28,11 @@ __all__ = ["main"]
 def _default_out(suite: str, quick: bool) -> str:
     import jax
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Named by date and device, like every file in benchmarks/results/.
+    now = datetime.datetime.now()
     tag = "-quick" if quick else ""
-    return f"benchmarks/results/{suite}-{jax.devices()[0].platform}{tag}-{stamp}.json"
+    platform = jax.devices()[0].platform
+    return f"benchmarks/results/{now:%Y-%m-%d}-{platform}-{suite}{tag}-{now:%H%M%S}.json"
 
 
 def _conv(args) -> int:
