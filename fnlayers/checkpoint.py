@@ -61,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnlayers._tree import path_str
+
 __all__ = ["FORMAT", "HEADER_KEY", "VERSION", "load", "load_metadata", "save"]
 
 FORMAT = "fnlayers.checkpoint"
@@ -185,7 +187,7 @@ def _encode(node, keys: tuple[str, ...], arrays: dict[str, np.ndarray], fn: str)
     kind = f"{type(node).__module__}.{type(node).__qualname__}"
     items = []
     for key_path, child in children:
-        seg = _key_segment(key_path[0])
+        seg = path_str(key_path[:1])
         items.append([seg, _encode(child, (*keys, seg), arrays, fn)])
     return {"node": kind, "children": items}
 
@@ -399,7 +401,7 @@ def _stored_value(desc: dict, arrays: dict[str, np.ndarray], path: str, fn: str)
 
 def _restore_like(like, leaves: dict[str, dict], arrays, path: str, fn: str):
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    like_paths = [_join(tuple(_key_segment(k) for k in key_path)) for key_path, _ in flat]
+    like_paths = [path_str(key_path) for key_path, _ in flat]
     wanted = set(like_paths)
     out = []
     for name, (_, template) in zip(like_paths, flat, strict=True):
@@ -467,18 +469,6 @@ def _dict_segment(k, keys: tuple[str, ...], fn: str) -> str:
     if "/" in seg:
         raise ValueError(f"{fn}: dict key {k!r} under {_join(keys)!r} contains '/'")
     return seg
-
-
-def _key_segment(entry) -> str:
-    if isinstance(entry, jax.tree_util.DictKey):
-        return str(entry.key)
-    if isinstance(entry, jax.tree_util.SequenceKey):
-        return str(entry.idx)
-    if isinstance(entry, jax.tree_util.GetAttrKey):
-        return entry.name
-    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-        return str(entry.key)
-    return str(entry)
 
 
 def _join(keys: tuple[str, ...]) -> str:
