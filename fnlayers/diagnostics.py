@@ -13,12 +13,14 @@ norms every ``diagnostics_every`` steps (``history`` keys ``"grad_norm/<layer>"`
 layer whose gradient went non-finite first when the loss does; :func:`plot_grad_norms` draws
 those records.
 
-Layer names. A layer is named by its key path in ``params``: the names :func:`fnlayers.serial`
-gives (``"conv1"``, ``"dense_3"``), joined with ``/`` inside nested ``serial``/``parallel``
-containers (``"block1/conv"``, as :func:`fnlayers.layer_shapes`); :func:`fnlayers.shared` adds no
-level (its params are its inner layer's). Gradient and parameter statistics cover the layers
-that hold parameters; activation statistics every layer of a ``serial`` network (nested
-``serial`` containers are opened, other containers give one output each).
+Layer names. A layer is named by its key path in ``params`` (:func:`fnlayers.layers.walk`):
+the names :func:`fnlayers.serial` gives (``"conv1"``, ``"dense_3"``), joined with ``/`` inside
+nested containers (``"block1/conv"``, as :func:`fnlayers.layer_shapes`); :func:`fnlayers.shared`
+adds no level (its params are its inner layer's). Containers are always opened: statistics are
+per leaf layer. Gradient and parameter statistics cover the layers that hold parameters;
+activation statistics every layer, its output taken by running the containers' own apply with
+the leaf layers intercepted (:func:`fnlayers.layers.apply_leaves`); a layer inside ``shared``
+has one output per input, measured together.
 
 Order. Network order is input to output. The backward pass visits layers in the reverse order,
 so the report calls *first* the layer the backward pass reaches first: the one nearest the loss.
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from fnlayers import _plot
-from fnlayers.layers import Layer, missing_key_error
+from fnlayers.layers import Layer, apply_leaves, walk
 
 __all__ = [
     "GradientReport",
@@ -60,33 +62,36 @@ __all__ = [
 
 
 def layer_outputs(model: Layer, params, state, x, *, key=None, train: bool = False):
-    """Applies a ``serial`` network layer by layer and keeps every layer's output.
+    """Applies a network layer by layer and keeps every layer's output.
 
-    Computes exactly ``model.apply(params, state, x, key=key, train=train)``: the same key
-    splitting (``jax.random.split(key, len(layers))``, one key per layer in order, again inside
-    every nested ``serial``), the same state threading.
+    Computes exactly ``model.apply(params, state, x, key=key, train=train)``: the containers
+    run their own apply (:func:`fnlayers.layers.apply_leaves`), so the key splitting (one key
+    per layer in order, again inside every nested container) and the state threading are
+    theirs.
 
     Args:
-      model: a network built with :func:`fnlayers.serial`.
+      model: a container: a network built with :func:`fnlayers.serial` (or ``parallel``,
+        ``shared``).
       params, state: the trees ``model.init`` returned (or trained ones).
       x: the input, e.g. ``(N, H, W, C)``.
       key: a PRNG key; required when ``train=True`` and a layer draws random numbers.
       train: passed to every layer.
 
     Returns:
-      ``(outputs, new_state)``: ``outputs`` maps every layer name (nested ``serial`` layers as
-      ``"outer/inner"``) to that layer's output, in network order; its last value is the
-      network's output. ``new_state`` is ``model.apply``'s.
+      ``(outputs, new_state)``: ``outputs`` maps every leaf layer's name (its path: layers of
+      nested containers as ``"outer/inner"``) to that layer's output, in network order; a layer
+      applied to several inputs (inside :func:`fnlayers.shared`) maps to the tuple of its
+      outputs, one per input. For a ``serial`` network the last value is the network's output.
+      ``new_state`` is ``model.apply``'s.
 
     Raises:
       TypeError: ``model`` is not a Layer.
-      ValueError: ``model`` is not a ``serial`` container, or ``train=True`` needs a key and
-        none was given.
+      ValueError: ``model`` is a leaf layer, not a container, or ``train=True`` needs a key
+        and none was given.
     """
-    _check_serial(model, "layer_outputs")
-    outputs: dict[str, Any] = {}
-    _, new_state = _apply_recording(model, params, state, x, key, train, "", outputs, {})
-    return outputs, new_state
+    _check_container(model, "layer_outputs")
+    _, new_state, outputs = _record_outputs(model, params, state, x, key, train, {})
+    return {path: ys[0] if len(ys) == 1 else tuple(ys) for path, ys in outputs.items()}, new_state
 
 
 def param_layers(model: Layer, params) -> list[str]:
@@ -97,7 +102,7 @@ def param_layers(model: Layer, params) -> list[str]:
     :func:`finite`.
     """
     _check_layer(model, "param_layers")
-    return [name for name, sub in _param_groups(model, params, "") if jax.tree.leaves(sub)]
+    return list(_per_layer(model, params, len))
 
 
 def grad_norms(model: Layer, grads) -> dict[str, jax.Array]:
@@ -132,11 +137,7 @@ def finite(model: Layer, tree) -> dict[str, jax.Array]:
       ``jit``).
     """
     _check_layer(model, "finite")
-    return {
-        name: _all_finite(jax.tree.leaves(sub))
-        for name, sub in _param_groups(model, tree, "")
-        if jax.tree.leaves(sub)
-    }
+    return _per_layer(model, tree, _all_finite)
 
 
 def activation_stats(
@@ -149,7 +150,7 @@ def activation_stats(
     train: bool = False,
     saturation: float = 0.01,
 ) -> dict[str, dict[str, jax.Array]]:
-    """Statistics of every layer's output of a ``serial`` network (one forward pass).
+    """Statistics of every layer's output of a network (one forward pass).
 
     Args:
       model, params, state, x, key, train: as for :func:`layer_outputs`.
@@ -166,12 +167,11 @@ def activation_stats(
     Raises:
       ValueError: as :func:`layer_outputs`; ``saturation`` outside ``(0, 0.5)``.
     """
-    _check_serial(model, "activation_stats")
+    _check_container(model, "activation_stats")
     sat = _check_saturation(saturation, "activation_stats")
-    outputs: dict[str, Any] = {}
     kinds: dict[str, str] = {}
-    _apply_recording(model, params, state, x, key, train, "", outputs, kinds)
-    return {name: _output_stats(y, kinds[name], sat) for name, y in outputs.items()}
+    _, _, outputs = _record_outputs(model, params, state, x, key, train, kinds)
+    return {name: _output_stats(ys, kinds[name], sat) for name, ys in outputs.items()}
 
 
 def gradient_stats(
@@ -190,7 +190,7 @@ def gradient_stats(
     """Everything :func:`report` needs, from one forward and one backward pass (jit it).
 
     Args:
-      model: the network; any Layer, or a ``serial`` one when ``activations``.
+      model: the network; any Layer, a container (``serial``, ...) when ``activations``.
       loss_fn: ``loss_fn(outputs, y) -> scalar``.
       params, state, x, y: the parameters, the running state, one batch.
       key, train: as ``model.apply`` takes them (training mode by default, as a train step).
@@ -208,42 +208,21 @@ def gradient_stats(
     """
     _check_layer(model, "gradient_stats")
     if activations:
-        _check_serial(model, "gradient_stats(activations=True)")
+        _check_container(model, "gradient_stats(activations=True)")
     sat = _check_saturation(saturation, "gradient_stats")
     kinds: dict[str, str] = {}
-    taps = {}
-    if activations:
-        # A zero added to every layer's output: its gradient is dL/d(output), the signal the
-        # backward pass carries through that layer.
-        shapes = jax.eval_shape(
-            lambda p: layer_outputs(model, p, state, x, key=key, train=train)[0], params
-        )
-        taps = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    taps = _zero_taps(model, params, state, x, key, train) if activations else {}
 
     def loss_with_outputs(p, taps):
-        if activations:
-            outputs: dict[str, Any] = {}
-            out, _ = _apply_recording(model, p, state, x, key, train, "", outputs, kinds, taps=taps)
-        else:
-            out, _ = model.apply(p, state, x, key=key, train=train)
-            outputs = {}
+        if not activations:
+            return loss_fn(model.apply(p, state, x, key=key, train=train)[0], y), {}
+        out, _, outputs = _record_outputs(model, p, state, x, key, train, kinds, taps)
         return loss_fn(out, y), outputs
 
     (loss, outputs), (grads, tap_grads) = jax.value_and_grad(
         loss_with_outputs, argnums=(0, 1), has_aux=True
     )(params, taps)
-    g_norm, p_norm = _norms(model, grads), _norms(model, params)
-    stats = {
-        "loss": loss,
-        "grad_norm": g_norm,
-        "param_norm": p_norm,
-        "ratio": {
-            name: jnp.where(p_norm[name] > 0, g_norm[name] / p_norm[name], jnp.inf)
-            for name in g_norm
-        },
-        "grad_finite": finite(model, grads),
-        "param_finite": finite(model, params),
-    }
+    stats = {"loss": loss, **_param_stats(model, grads, params)}
     if activations:
         stats["activations"] = {
             name: _output_stats(out, kinds[name], sat) for name, out in outputs.items()
@@ -633,69 +612,72 @@ _gradient_stats_jit = jax.jit(
 )
 
 
-def _apply_recording(model, params, state, x, key, train, prefix, outputs, kinds, taps=None):
-    """``model.apply`` for a serial ``model``, written out so every output is kept. The key
-    handling is serial's: check, then one split per layer in order. ``taps`` (optional,
-    ``{layer: zeros like its output}``) are added to the outputs."""
-    children = model.children
-    if model.needs_key and train and key is None:
-        first = next(nm for nm, layer in children if layer.needs_key)
-        raise missing_key_error(f"layer_outputs (layer {prefix + first!r})")
-    keys = [None] * len(children) if key is None else list(jax.random.split(key, len(children)))
-    new_state = {}
-    for (nm, layer), k in zip(children, keys, strict=True):
-        path = prefix + nm
-        if layer.kind == "serial":
-            x, new_state[nm] = _apply_recording(
-                layer, params[nm], state[nm], x, k, train, path + "/", outputs, kinds, taps
-            )
-        else:
-            x, new_state[nm] = layer.apply(params[nm], state[nm], x, key=k, train=train)
-            if taps is not None:
-                x = jax.tree.map(jnp.add, x, taps[path])
-            outputs[path] = x
-            kinds[path] = layer.kind
-    return x, new_state
+def _recorder(outputs: dict[str, list], kinds: dict[str, str], taps=None) -> Callable:
+    """An ``on_leaf`` for :func:`fnlayers.layers.apply_leaves` that applies each leaf layer and
+    appends its output to ``outputs[path]`` (one entry per call: a layer inside ``shared`` is
+    called once per input). ``taps`` (optional, ``{path: [zeros like each output]}``) are added
+    to the outputs."""
+
+    def record(path, layer, params, state, x, *, key=None, train=False):
+        y, new_state = layer.apply(params, state, x, key=key, train=train)
+        calls = outputs.setdefault(path, [])
+        if taps is not None:
+            y = jax.tree.map(jnp.add, y, taps[path][len(calls)])
+        calls.append(y)
+        kinds[path] = layer.kind
+        return y, new_state
+
+    return record
 
 
-def _param_groups(model, tree, prefix):
-    """``(name, sub-tree)`` per leaf layer of ``model``, network order; ``tree`` is shaped like
-    the model's params."""
-    if model.kind in ("serial", "parallel") and model.children:
-        groups = []
-        for nm, child in model.children:
-            groups += _param_groups(child, tree[nm], f"{prefix}{nm}/")
-        return groups
-    if model.kind == "shared" and model.children:
-        return _param_groups(model.children[0][1], tree, prefix)
-    return [(prefix.rstrip("/") or model.name or model.kind, tree)]
+def _record_outputs(model, params, state, x, key, train, kinds, taps=None):
+    """``(y, new_state, {path: [output per call]})``: ``model.apply`` with every leaf layer's
+    output kept."""
+    outputs: dict[str, list] = {}
+    record = _recorder(outputs, kinds, taps)
+    y, new_state = apply_leaves(model, record, params, state, x, key=key, train=train)
+    return y, new_state, outputs
 
 
-def _layer_order(model, prefix="") -> list[str]:
-    """Every name a statistic can carry (leaf layers and non-serial containers), in network
-    order; containers come before their layers."""
-    if model.kind == "serial" and model.children:
-        names = []
-        for nm, child in model.children:
-            names += _layer_order(child, f"{prefix}{nm}/")
-        return names
-    here = prefix.rstrip("/") or model.name or model.kind
-    if model.kind == "parallel" and model.children:
-        names = [here]
-        for nm, child in model.children:
-            names += _layer_order(child, f"{prefix}{nm}/")
-        return names
-    if model.kind == "shared" and model.children:
-        return [here, *(n for n in _layer_order(model.children[0][1], prefix) if n != here)]
-    return [here]
+def _zero_taps(model, params, state, x, key, train) -> dict[str, list]:
+    """Zeros like every leaf layer's outputs, ``{path: [one per call]}``: added to the outputs,
+    their gradient is dL/d(output), the signal the backward pass carries through each layer."""
+    shapes = jax.eval_shape(
+        lambda p: _record_outputs(model, p, state, x, key, train, {})[2], params
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _param_stats(model, grads, params) -> dict[str, dict[str, jax.Array]]:
+    """The per-layer gradient and parameter entries of :func:`gradient_stats`."""
+    g_norm, p_norm = _norms(model, grads), _norms(model, params)
+    ratio = {
+        name: jnp.where(p_norm[name] > 0, g_norm[name] / p_norm[name], jnp.inf) for name in g_norm
+    }
+    return {
+        "grad_norm": g_norm,
+        "param_norm": p_norm,
+        "ratio": ratio,
+        "grad_finite": finite(model, grads),
+        "param_finite": finite(model, params),
+    }
+
+
+def _layer_order(model) -> list[str]:
+    """Every name a statistic can carry (the leaf layers), in network order."""
+    return [n.label for n in walk(model) if not n.layer.is_container]
 
 
 def _norms(model, tree) -> dict[str, jax.Array]:
-    return {
-        name: _l2(jax.tree.leaves(sub))
-        for name, sub in _param_groups(model, tree, "")
-        if jax.tree.leaves(sub)
-    }
+    return _per_layer(model, tree, _l2)
+
+
+def _per_layer(model, tree, fn: Callable[[list], Any]) -> dict[str, Any]:
+    """``{layer: fn(leaves of its sub-tree)}`` for the leaf layers whose sub-tree of ``tree``
+    (shaped like the params) has leaves, in network order."""
+    leaves = (n for n in walk(model, tree) if not n.layer.is_container)
+    groups = ((n.label, jax.tree.leaves(n.params)) for n in leaves)
+    return {name: fn(leaves) for name, leaves in groups if leaves}
 
 
 def _l2(leaves) -> jax.Array:
@@ -736,12 +718,12 @@ def _check_layer(model, fn):
         raise TypeError(f"{fn}: model must be a fnlayers Layer, got {type(model).__name__}")
 
 
-def _check_serial(model, fn):
+def _check_container(model, fn):
     _check_layer(model, fn)
-    if model.kind != "serial":
+    if not model.is_container:
         raise ValueError(
-            f"{fn}: model must be a serial network (fnlayers.serial), got a layer of kind "
-            f"{model.kind!r}; wrap it: fnlayers.serial(model)"
+            f"{fn}: model must be a serial network or another container of layers, got the "
+            f"leaf layer {model!r}; wrap it: fnlayers.serial(model)"
         )
 
 

@@ -15,6 +15,19 @@ constructor, or the layer's kind and position (``conv2d_0``, ``dense_3``), so
 ``params["conv1"]["w"]`` reads like the network. :func:`shared` applies one layer, with one set
 of weights, to each input of a tuple (Siamese networks).
 
+A container says what it is through its :class:`Container` (``layer.container``): how its
+children's params and state are keyed (by name, or shared with the container), and its init and
+apply written against a ``call`` for each child. :func:`walk` visits every layer with its part
+of the params; :func:`init_leaves` and :func:`apply_leaves` run a model with the leaf layers
+intercepted, through the containers' own logic. :func:`summary`, :func:`param_mults` and
+:mod:`fnlayers.diagnostics` stand on these; nothing reads a container's ``kind``.
+
+Errors name the layer: a ValueError or TypeError raised in a child's init or apply gets the
+child's path prefixed (``"block/conv1: conv2d: x must have rank 4 (NHWC) ..."``), and ``apply``
+checks parameter shapes against the layer's configuration (``"conv1/w: Conv2D: expected shape
+..."``) at trace time. ``repr(layer)`` shows the network, one line per layer with its
+non-default configuration.
+
 Example:
     >>> import jax, fnlayers as fl
     >>> net = fl.serial(fl.Conv2D(4, 3, name="conv1"), fl.Flatten(), fl.Dense(10, name="ip1"))
@@ -28,10 +41,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +59,14 @@ from fnlayers import linear as _linear
 from fnlayers import normalization as _norm
 from fnlayers import pooling as _pooling
 from fnlayers._checks import as_pair, check_choice
+from fnlayers._tree import path_str
 
 __all__ = [
     "ELU",
     "LRN",
     "AvgPool",
     "BatchNorm",
+    "Container",
     "Conv2D",
     "Deconv2D",
     "Dense",
@@ -59,6 +76,7 @@ __all__ = [
     "GlobalMaxPool",
     "Lambda",
     "Layer",
+    "LayerNode",
     "MaxPool",
     "Maxout",
     "PReLU",
@@ -66,20 +84,66 @@ __all__ = [
     "Sigmoid",
     "StochasticPool",
     "Tanh",
+    "apply_leaves",
+    "child_path",
+    "container_layer",
+    "init_leaves",
     "layer_shapes",
     "parallel",
     "param_mults",
     "serial",
     "shared",
     "summary",
+    "walk",
 ]
 
 Shape = tuple[int, ...]
 InitFn = Callable[[jax.Array, Any], tuple[Any, Any, Any]]
 ApplyFn = Callable[..., tuple[Any, Any]]
+ChildInit = Callable[..., tuple[Any, Any, Any]]
+"""``call(name, child, key, in_shape) -> (out_shape, params, state)``: how a container's init
+initialises one child."""
+ChildApply = Callable[..., tuple[Any, Any]]
+"""``call(name, child, params, state, x, *, key=None, train=False) -> (y, state)``: how a
+container's apply applies one child."""
 
 
 @dataclasses.dataclass(frozen=True)
+class Container:
+    """What a container layer (:func:`serial`, :func:`parallel`, :func:`shared`, or any
+    combinator built the same way with :func:`container_layer`) declares about its children, so
+    that :func:`walk`, :func:`summary`, :func:`param_mults` and :mod:`fnlayers.diagnostics` read
+    the structure from it rather than from the layer's ``kind``.
+
+    Attributes:
+      init: ``init(call, key, in_shape) -> (out_shape, params, state)``: the container's init,
+        with every child initialised through ``call(name, child, key, in_shape)``.
+      apply: ``apply(call, params, state, x, *, key=None, train=False) -> (y, state)``: the
+        container's apply (key splitting, state threading, data flow), with every child applied
+        through ``call(name, child, child_params, child_state, child_x, key=k, train=train)``.
+        ``name`` is the child's entry in ``Layer.children``.
+      shares_params: False when params and state are dicts keyed by child name (serial,
+        parallel, a graph of named layers); True when the children's params and state ARE the
+        container's own (shared: one layer applied to several inputs).
+    """
+
+    init: Callable[..., tuple[Any, Any, Any]]
+    apply: Callable[..., tuple[Any, Any]]
+    shares_params: bool = False
+
+    def init_with(self, call: ChildInit, key: jax.Array, in_shape) -> tuple[Any, Any, Any]:
+        """:attr:`init` with ``call`` for the children; a ValueError or TypeError from a child
+        is re-raised with the child's name prefixed to its message (``"conv1: ..."``)."""
+        return self.init(_naming(call), key, in_shape)
+
+    def apply_with(
+        self, call: ChildApply, params, state, x, *, key=None, train: bool = False
+    ) -> tuple[Any, Any]:
+        """:attr:`apply` with ``call`` for the children, errors named as in :meth:`init_with`."""
+        return self.apply(_naming(call), params, state, x, key=key, train=train)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class Layer:
     """An immutable ``(init, apply)`` pair.
 
@@ -91,10 +155,16 @@ class Layer:
       kind: a short snake_case type name (``"conv2d"``, ``"max_pool"``), used for default names.
       needs_key: True when ``apply(..., train=True)`` draws random numbers and so needs ``key``.
       children: ``(name, layer)`` pairs of a container (:func:`serial`, :func:`parallel`,
-        :func:`shared`), in order; empty for a leaf layer.
+        :func:`shared`), in order; empty for a leaf layer. :func:`shared`'s one child has the
+        name ``""``: it adds no level to paths.
       mults: ``(param_name, lr_mult, decay_mult)`` triples of a leaf layer, Caffe's
         per-parameter ``ParamSpec``; parameters not listed have 1 and 1. See
         :func:`param_mults`.
+      container: how a container runs its children (a :class:`Container`); None for a leaf.
+      constructor: the function that built the layer (``Conv2D``), or None.
+      config: ``(argument, value)`` pairs the constructor was given that differ from its
+        defaults, in its signature's order (``name`` and sub-layers left out); ``repr`` shows
+        them.
     """
 
     init: InitFn
@@ -104,10 +174,150 @@ class Layer:
     needs_key: bool = False
     children: tuple[tuple[str, Layer], ...] = ()
     mults: tuple[tuple[str, float, float], ...] = ()
+    container: Container | None = dataclasses.field(default=None, compare=False)
+    constructor: Callable[..., Layer] | None = dataclasses.field(default=None, compare=False)
+    config: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False)
+
+    def __post_init__(self):
+        if self.children and self.container is None:
+            raise TypeError(
+                f"Layer {self.kind!r}: a layer with children must say how it runs them "
+                "(container=Container(...))"
+            )
+
+    @property
+    def is_container(self) -> bool:
+        """True for a layer that holds other layers (its ``container`` is set)."""
+        return self.container is not None
 
     def named(self, name: str) -> Layer:
         """Returns the same layer under another name."""
         return dataclasses.replace(self, name=name)
+
+    def child_tree(self, tree, name: str):
+        """The part of this container's params, state or gradients that belongs to the child
+        ``name``: ``tree[name]``, or ``tree`` itself when the container shares its params with
+        its child (:func:`shared`). None stays None.
+
+        Raises:
+          TypeError: this layer is not a container.
+          ValueError: ``tree`` has no entry ``name``.
+        """
+        if self.container is None:
+            raise TypeError(f"{self.name or self.kind}: a leaf layer has no children")
+        if tree is None or self.container.shares_params:
+            return tree
+        if not isinstance(tree, Mapping) or name not in tree:
+            keys = list(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ValueError(
+                f"{self.name or self.kind}: the tree has no entry {name!r} for that child "
+                f"(it has {keys})"
+            )
+        return tree[name]
+
+    def __repr__(self) -> str:
+        return "\n".join(_describe(self, self.name or "", ""))
+
+
+class LayerNode(NamedTuple):
+    """One layer of a model, as :func:`walk` yields it.
+
+    Attributes:
+      path: the layer's key path in the params tree, ``"/"``-joined (``"block/conv1"``); the
+        model itself (and the child of a :func:`shared` at the root) has ``""``.
+      layer: the Layer.
+      params, state: the layer's parts of the trees given to :func:`walk` (None if not given).
+    """
+
+    path: str
+    layer: Layer
+    params: Any = None
+    state: Any = None
+
+    @property
+    def label(self) -> str:
+        """The name tables and diagnostics use: the path, or for the root the layer's name or
+        kind."""
+        return self.path or self.layer.name or self.layer.kind
+
+
+def walk(model: Layer, params=None, state=None) -> Iterator[LayerNode]:
+    """Every layer of ``model``, containers before their children, in network order.
+
+    Args:
+      model: any Layer.
+      params, state: optional trees shaped like ``model.init``'s (or gradients); each node
+        carries its own part of them.
+
+    Yields:
+      :class:`LayerNode` ``(path, layer, params, state)``.
+
+    Example:
+        >>> import fnlayers as fl
+        >>> net = fl.serial(fl.Dense(3, name="ip1"), fl.serial(fl.ReLU(), name="block"))
+        >>> [(n.path, n.layer.kind) for n in walk(net)]
+        [('', 'serial'), ('ip1', 'dense'), ('block', 'serial'), ('block/relu_0', 'relu')]
+    """
+    return _walk(model, "", params, state)
+
+
+def child_path(path: str, name: str) -> str:
+    """The path of the child ``name`` of the layer at ``path`` (``""`` adds no level)."""
+    return f"{path}/{name}" if path and name else path or name
+
+
+def init_leaves(model: Layer, on_leaf: ChildInit, key: jax.Array, in_shape):
+    """``model.init(key, in_shape)`` with every leaf layer initialised through
+    ``on_leaf(path, leaf, key, in_shape) -> (out_shape, params, state)``; containers run their
+    own init (key splitting, shape flow). A leaf ``model`` is ``on_leaf("", model, ...)``."""
+    return _opening(on_leaf, "", "init_with")("", model, key, in_shape)
+
+
+def apply_leaves(model: Layer, on_leaf: ChildApply, params, state, x, *, key=None, train=False):
+    """``model.apply(params, state, x, key=key, train=train)`` with every leaf layer applied
+    through ``on_leaf(path, leaf, params, state, x, key=k, train=train) -> (y, state)``;
+    containers run their own apply (key splitting, state threading, data flow), so a leaf
+    inside :func:`shared` is called once per input."""
+    call = _opening(on_leaf, "", "apply_with")
+    return call("", model, params, state, x, key=key, train=train)
+
+
+def container_layer(kind: str, children, container: Container, *, name: str | None = None) -> Layer:
+    """The Layer of a container: ``init``/``apply`` run ``container`` with each child's own
+    init/apply; ``needs_key`` when a child needs one.
+
+    Args:
+      kind: the default-name prefix (``"serial"``).
+      children: ``(name, layer)`` pairs, the names ``container`` passes to its ``call``.
+      container: the :class:`Container`.
+      name: the layer's name.
+
+    Example (a residual block, ``y = x + body(x)``, its params under ``"body"``):
+        >>> import fnlayers as fl
+        >>> def residual(body, name=None):
+        ...     def init(call, key, in_shape):
+        ...         shape, params, state = call("body", body, key, in_shape)
+        ...         return shape, {"body": params}, {"body": state}
+        ...     def apply(call, params, state, x, *, key=None, train=False):
+        ...         p, s = params["body"], state["body"]
+        ...         y, s = call("body", body, p, s, x, key=key, train=train)
+        ...         return x + y, {"body": s}
+        ...     return container_layer("residual", [("body", body)], Container(init, apply),
+        ...                            name=name)
+        >>> net = fl.serial(residual(fl.Dense(3, name="ip")), name="net")
+        >>> [n.path for n in walk(net)]
+        ['', 'residual_0', 'residual_0/body']
+    """
+    children = tuple(children)
+    return Layer(
+        functools.partial(container.init_with, _init_child),
+        functools.partial(container.apply_with, _apply_child),
+        name=name,
+        kind=kind,
+        needs_key=any(layer.needs_key for _, layer in children),
+        children=children,
+        container=container,
+    )
 
 
 def missing_key_error(where: str) -> ValueError:
@@ -119,6 +329,22 @@ def missing_key_error(where: str) -> ValueError:
     )
 
 
+def _configured(constructor: Callable[..., Layer]) -> Callable[..., Layer]:
+    """Decorates a layer constructor: the layer it returns records the constructor and the
+    arguments that differ from its defaults (:attr:`Layer.config`)."""
+    signature = inspect.signature(constructor)
+
+    @functools.wraps(constructor)
+    def build(*args, **kwargs) -> Layer:
+        layer = constructor(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        config = tuple(_changed_arguments(signature, bound.arguments))
+        return dataclasses.replace(layer, constructor=build, config=config)
+
+    return build
+
+
+@_configured
 def serial(*layers: Layer, name: str | None = None) -> Layer:
     """Composes layers in sequence: ``y = layers[-1](...layers[0](x))``.
 
@@ -127,59 +353,56 @@ def serial(*layers: Layer, name: str | None = None) -> Layer:
     Raises:
       ValueError: no layers, or two layers with the same name.
     """
-    names = _layer_names(layers, "serial")
-
-    def init(key, in_shape):
-        keys = jax.random.split(key, len(layers))
-        params, state, shape = {}, {}, in_shape
-        for nm, layer, k in zip(names, layers, keys, strict=True):
-            shape, params[nm], state[nm] = layer.init(k, shape)
-        return shape, params, state
-
+    children = _named_children(layers, "serial")
     needs_key = any(layer.needs_key for layer in layers)
 
-    def apply(params, state, x, *, key=None, train=False):
-        _check_key(needs_key, key, train, layers, names, "serial")
-        keys = _split_or_none(key, len(layers))
+    def init(call, key, in_shape):
+        params, state, shape = {}, {}, in_shape
+        for (nm, layer), k in zip(children, jax.random.split(key, len(layers)), strict=True):
+            shape, params[nm], state[nm] = call(nm, layer, k, shape)
+        return shape, params, state
+
+    def apply(call, params, state, x, *, key=None, train=False):
+        _check_key(needs_key, key, train, children, "serial")
         new_state = {}
-        for nm, layer, k in zip(names, layers, keys, strict=True):
-            x, new_state[nm] = layer.apply(params[nm], state[nm], x, key=k, train=train)
+        for (nm, layer), k in zip(children, _split_or_none(key, len(layers)), strict=True):
+            x, new_state[nm] = call(nm, layer, params[nm], state[nm], x, key=k, train=train)
         return x, new_state
 
-    children = tuple(zip(names, layers, strict=True))
-    return Layer(init, apply, name=name, kind="serial", needs_key=needs_key, children=children)
+    return container_layer("serial", children, Container(init, apply), name=name)
 
 
+@_configured
 def parallel(*layers: Layer, name: str | None = None) -> Layer:
     """Feeds the same input to every layer; the output is the tuple of their outputs.
 
     Params and state are dicts keyed by layer name, as in :func:`serial`.
     """
-    names = _layer_names(layers, "parallel")
-
-    def init(key, in_shape):
-        keys = jax.random.split(key, len(layers))
-        shapes, params, state = [], {}, {}
-        for nm, layer, k in zip(names, layers, keys, strict=True):
-            shape, params[nm], state[nm] = layer.init(k, in_shape)
-            shapes.append(shape)
-        return tuple(shapes), params, state
-
+    children = _named_children(layers, "parallel")
     needs_key = any(layer.needs_key for layer in layers)
 
-    def apply(params, state, x, *, key=None, train=False):
-        _check_key(needs_key, key, train, layers, names, "parallel")
+    def init(call, key, in_shape):
+        keys = jax.random.split(key, len(layers))
+        outs = {
+            nm: call(nm, layer, k, in_shape) for (nm, layer), k in zip(children, keys, strict=True)
+        }
+        shapes, params, state = _by_part(outs)
+        return tuple(shapes.values()), params, state
+
+    def apply(call, params, state, x, *, key=None, train=False):
+        _check_key(needs_key, key, train, children, "parallel")
         keys = _split_or_none(key, len(layers))
-        ys, new_state = [], {}
-        for nm, layer, k in zip(names, layers, keys, strict=True):
-            y, new_state[nm] = layer.apply(params[nm], state[nm], x, key=k, train=train)
-            ys.append(y)
-        return tuple(ys), new_state
+        outs = {
+            nm: call(nm, layer, params[nm], state[nm], x, key=k, train=train)
+            for (nm, layer), k in zip(children, keys, strict=True)
+        }
+        ys, new_state = _by_part(outs)
+        return tuple(ys.values()), new_state
 
-    children = tuple(zip(names, layers, strict=True))
-    return Layer(init, apply, name=name, kind="parallel", needs_key=needs_key, children=children)
+    return container_layer("parallel", children, Container(init, apply), name=name)
 
 
+@_configured
 def shared(layer: Layer, num_inputs: int = 2, *, name: str | None = None) -> Layer:
     """Applies one layer, with one set of weights, to each of ``num_inputs`` inputs.
 
@@ -191,26 +414,24 @@ def shared(layer: Layer, num_inputs: int = 2, *, name: str | None = None) -> Lay
     if not isinstance(num_inputs, int) or num_inputs < 1:
         raise ValueError(f"shared: num_inputs={num_inputs!r} must be a positive int")
 
-    def init(key, in_shape):
+    def init(call, key, in_shape):
         shapes = _tuple_of_shapes(in_shape, num_inputs)
-        out_shape, params, state = layer.init(key, shapes[0])
+        out_shape, params, state = call("", layer, key, shapes[0])
         return (out_shape,) * num_inputs, params, state
 
-    def apply(params, state, xs, *, key=None, train=False):
+    def apply(call, params, state, xs, *, key=None, train=False):
         if not isinstance(xs, tuple | list) or len(xs) != num_inputs:
             raise ValueError(f"shared: expected a tuple of {num_inputs} inputs, got {type(xs)}")
         if layer.needs_key and train and key is None:
             raise missing_key_error(f"shared({layer.name or layer.kind})")
-        keys = _split_or_none(key, num_inputs)
         ys = []
-        for x, k in zip(xs, keys, strict=True):
-            y, state = layer.apply(params, state, x, key=k, train=train)
+        for x, k in zip(xs, _split_or_none(key, num_inputs), strict=True):
+            y, state = call("", layer, params, state, x, key=k, train=train)
             ys.append(y)
         return tuple(ys), state
 
-    return Layer(
-        init, apply, name=name, kind="shared", needs_key=layer.needs_key, children=(("", layer),)
-    )
+    container = Container(init, apply, shares_params=True)
+    return container_layer("shared", [("", layer)], container, name=name)
 
 
 def param_mults(model: Layer):
@@ -223,22 +444,36 @@ def param_mults(model: Layer):
       declares nothing get 1. To see them as trees shaped like params:
       ``jax.tree_util.tree_map_with_path(lr_mult, params)``.
     """
+    by_path = {n.path: n.layer.mults for n in walk(model) if not n.layer.is_container}
 
-    def lookup(path, index):
-        triple = _leaf_mults(model, [_path_name(p) for p in path])
-        return 1.0 if triple is None else triple[index]
+    def lr_mult(path, leaf) -> float:
+        return _param_mult(by_path, path_str(path), 0)
 
-    return (lambda path, leaf: lookup(path, 0)), (lambda path, leaf: lookup(path, 1))
+    def decay_mult(path, leaf) -> float:
+        return _param_mult(by_path, path_str(path), 1)
+
+    return lr_mult, decay_mult
 
 
 def layer_shapes(model: Layer, in_shape) -> list[tuple[str, Any, int]]:
-    """``(name, out_shape, num_params)`` for every layer of ``model`` in order, from shapes
-    alone (nothing is computed). Containers are expanded: a nested :func:`serial` contributes
-    its layers as ``"outer/inner"``, :func:`shared` its inner layer's rows (its params are the
-    inner layer's), :func:`parallel` one row for all its branches."""
-    rows: list[tuple[str, Any, int]] = []
-    _collect_shapes(model, in_shape, "", rows)
-    return rows
+    """``(name, out_shape, num_params)`` for every leaf layer of ``model`` in network order,
+    from shapes alone (``init`` traced abstractly, nothing computed). Layers are named by their
+    path (:attr:`LayerNode.label`): a nested container contributes its layers as
+    ``"outer/inner"``; :func:`shared` adds no level and its layers appear once, with the output
+    shape of one input (their params are counted once)."""
+    shapes: dict[str, Any] = {}
+
+    def record(path, layer, key, shape):
+        out = layer.init(key, shape)
+        shapes.setdefault(path, out[0])
+        return out
+
+    params = jax.eval_shape(lambda k: init_leaves(model, record, k, in_shape)[1], jax.random.key(0))
+    return [
+        (n.label, shapes[n.path], _count(n.params))
+        for n in walk(model, params)
+        if not n.layer.is_container
+    ]
 
 
 def summary(model: Layer, in_shape) -> str:
@@ -251,10 +486,9 @@ def summary(model: Layer, in_shape) -> str:
         ip1    (-1, 4)           16
         total                    16
     """
-    rows = [
-        (name, str(shape), f"{count:,}") for name, shape, count in layer_shapes(model, in_shape)
-    ]
-    total = f"{sum(c for _, _, c in layer_shapes(model, in_shape)):,}"
+    shapes = layer_shapes(model, in_shape)
+    rows = [(name, str(shape), f"{count:,}") for name, shape, count in shapes]
+    total = f"{sum(c for _, _, c in shapes):,}"
     head = ("layer", "output shape", "params")
     w0 = max(len(head[0]), *(len(r[0]) for r in rows), len("total"))
     w1 = max(len(head[1]), *(len(r[1]) for r in rows))
@@ -265,9 +499,12 @@ def summary(model: Layer, in_shape) -> str:
     return "\n".join(lines)
 
 
+@_configured
 def Lambda(fn: Callable[[jax.Array], jax.Array], *, name: str | None = None, kind="lambda"):
     """A parameter-free layer from an array function; its output shape is found by tracing
-    ``fn`` on a placeholder of the input shape (batch -1 is traced as 1 and restored)."""
+    ``fn`` on a placeholder of the input shape (batch -1 is traced as 1 and restored). The input
+    may be a tuple of arrays (``in_shape`` a tuple of shapes), e.g. the output of
+    :func:`parallel`."""
 
     def init(key, in_shape):
         return _traced_shape(fn, in_shape), {}, {}
@@ -278,6 +515,7 @@ def Lambda(fn: Callable[[jax.Array], jax.Array], *, name: str | None = None, kin
     return Layer(init, apply, name=name, kind=kind)
 
 
+@_configured
 def Conv2D(
     num_output: int,
     kernel_size,
@@ -308,21 +546,29 @@ def Conv2D(
     b_init = b_init or _init.constant(0.0)
     cfg = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
+    def w_for(c_in: int) -> Shape:
+        return (*kernel, c_in // groups, num_output)
+
     def init(key, in_shape):
         c_in = _channels(in_shape, "Conv2D")
         if c_in % groups:
             raise ValueError(f"Conv2D: groups={groups} does not divide C_in={c_in}")
-        w_shape = (*kernel, c_in // groups, num_output)
+        w_shape = w_for(c_in)
         out_shape = _conv.conv_output_shape(in_shape, w_shape, **cfg)
         return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
 
     def apply(params, state, x, *, key=None, train=False):
+        _check_conv_params(
+            params, x, w_for, lambda w: w[2] * groups, "(KH, KW, C_in/groups, C_out)", "Conv2D"
+        )
+        _check_bias(params, bias, num_output, "Conv2D")
         return _conv.conv2d(x, params["w"], params.get("b"), impl=impl, **cfg), state
 
     mults = _mults(("w", "b") if bias else ("w",), lr_mult, decay_mult, "Conv2D")
     return Layer(init, apply, name=name, kind="conv2d", mults=mults)
 
 
+@_configured
 def Deconv2D(
     num_output: int,
     kernel_size,
@@ -354,19 +600,25 @@ def Deconv2D(
     b_init = b_init or _init.constant(0.0)
     cfg = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
+    def w_for(c_in: int) -> Shape:
+        return (*kernel, num_output // groups, c_in)
+
     def init(key, in_shape):
-        c_in = _channels(in_shape, "Deconv2D")
-        w_shape = (*kernel, num_output // groups, c_in)
+        w_shape = w_for(_channels(in_shape, "Deconv2D"))
         out_shape = _conv.conv_transpose_output_shape(in_shape, w_shape, **cfg)
         return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
 
     def apply(params, state, x, *, key=None, train=False):
+        layout = "(KH, KW, C_out/groups, C_in)"
+        _check_conv_params(params, x, w_for, lambda w: w[3], layout, "Deconv2D")
+        _check_bias(params, bias, num_output, "Deconv2D")
         return _conv.conv_transpose2d(x, params["w"], params.get("b"), **cfg), state
 
     mults = _mults(("w", "b") if bias else ("w",), lr_mult, decay_mult, "Deconv2D")
     return Layer(init, apply, name=name, kind="deconv2d", mults=mults)
 
 
+@_configured
 def Dense(
     num_output: int,
     *,
@@ -394,12 +646,18 @@ def Dense(
         return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
 
     def apply(params, state, x, *, key=None, train=False):
+        if jnp.ndim(x) >= 2:  # else the op reports the rank
+            k = math.prod(jnp.shape(x)[1:])
+            context = f" (K, C_out) for an input of shape {jnp.shape(x)} (K = {k} features)"
+            _check_param(params, "w", (k, num_output), "Dense", context)
+        _check_bias(params, bias, num_output, "Dense")
         return _linear.dense(x, params["w"], params.get("b")), state
 
     mults = _mults(("w", "b") if bias else ("w",), lr_mult, decay_mult, "Dense")
     return Layer(init, apply, name=name, kind="dense", mults=mults)
 
 
+@_configured
 def Flatten(*, name: str | None = None) -> Layer:
     """:func:`fnlayers.flatten`: ``(N, ...) -> (N, prod(...))``."""
 
@@ -413,46 +671,6 @@ def Flatten(*, name: str | None = None) -> Layer:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _layer_names(layers: Sequence[Layer], where: str) -> list[str]:
-    if not layers:
-        raise ValueError(f"{where}: needs at least one layer")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"{where}: argument {i} is {type(layer).__name__}, not a Layer")
-    names = [layer.name or f"{layer.kind}_{i}" for i, layer in enumerate(layers)]
-    seen = set()
-    for nm in names:
-        if nm in seen:
-            raise ValueError(f"{where}: two layers are named {nm!r}; names must be unique")
-        seen.add(nm)
-    return names
-
-
-def _check_key(needs_key, key, train, layers, names, where):
-    if needs_key and train and key is None:
-        first = next(nm for nm, layer in zip(names, layers, strict=True) if layer.needs_key)
-        raise missing_key_error(f"{where} (layer {first!r})")
-
-
-def _split_or_none(key, n):
-    if key is None:
-        return [None] * n
-    return list(jax.random.split(key, n))
-
-
-def _tuple_of_shapes(in_shape, n) -> tuple[Shape, ...]:
-    if (
-        not isinstance(in_shape, tuple | list)
-        or len(in_shape) != n
-        or not all(isinstance(s, tuple | list) for s in in_shape)
-    ):
-        raise ValueError(f"shared: in_shape={in_shape!r} must be a tuple of {n} shapes")
-    shapes = tuple(tuple(s) for s in in_shape)
-    if len(set(shapes)) != 1:
-        raise ValueError(f"shared: the {n} input shapes must agree, got {shapes}")
-    return shapes
 
 
 def _channels(in_shape, where) -> int:
@@ -474,12 +692,24 @@ def _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias):
     return params
 
 
-def _traced_shape(fn, in_shape) -> Shape:
-    concrete = tuple(1 if d == -1 else d for d in in_shape)
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(concrete, jnp.float32)).shape
-    if in_shape and in_shape[0] == -1 and out:
-        out = (-1, *out[1:])
-    return tuple(out)
+def _traced_shape(fn, in_shape):
+    """``fn``'s output shape (or tuple of shapes) for ``in_shape``, a shape or a tuple of
+    shapes; a batch of -1 is traced as 1 and restored."""
+    shapes = jax.tree.leaves(in_shape, is_leaf=_is_shape)
+    unknown_batch = any(s and s[0] == -1 for s in shapes)
+    placeholders = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(tuple(1 if d == -1 else d for d in s), jnp.float32),
+        in_shape,
+        is_leaf=_is_shape,
+    )
+    out = jax.eval_shape(fn, placeholders)
+    return jax.tree.map(
+        lambda o: (-1, *o.shape[1:]) if unknown_batch and o.shape else tuple(o.shape), out
+    )
+
+
+def _is_shape(s) -> bool:
+    return isinstance(s, tuple | list) and all(isinstance(d, numbers.Integral) for d in s)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -487,6 +717,7 @@ def _traced_shape(fn, in_shape) -> Shape:
 # out the output shape from the input shape alone (the batch may be -1) and never runs the op.
 
 
+@_configured
 def MaxPool(
     window, *, stride=1, padding=0, rounding: str = "ceil", name: str | None = None
 ) -> Layer:
@@ -497,6 +728,7 @@ def MaxPool(
     )
 
 
+@_configured
 def AvgPool(
     window, *, stride=1, padding=0, rounding: str = "ceil", name: str | None = None
 ) -> Layer:
@@ -507,6 +739,7 @@ def AvgPool(
     )
 
 
+@_configured
 def StochasticPool(window, *, stride=1, name: str | None = None) -> Layer:
     """Caffe's STOCHASTIC Pooling layer: :func:`fnlayers.stochastic_pool`. Samples with ``key``
     when ``train=True`` (so ``needs_key``), probability-weighted average otherwise."""
@@ -524,16 +757,19 @@ def StochasticPool(window, *, stride=1, name: str | None = None) -> Layer:
     return Layer(init, apply, name=name, kind="stochastic_pool", needs_key=True)
 
 
+@_configured
 def GlobalAvgPool(*, name: str | None = None) -> Layer:
     """:func:`fnlayers.global_avg_pool`: ``(N, H, W, C) -> (N, 1, 1, C)``, the spatial mean."""
     return _global_pool_layer(_pooling.global_avg_pool, "GlobalAvgPool", "global_avg_pool", name)
 
 
+@_configured
 def GlobalMaxPool(*, name: str | None = None) -> Layer:
     """:func:`fnlayers.global_max_pool`: ``(N, H, W, C) -> (N, 1, 1, C)``, the spatial max."""
     return _global_pool_layer(_pooling.global_max_pool, "GlobalMaxPool", "global_max_pool", name)
 
 
+@_configured
 def LRN(
     size: int = 5,
     *,
@@ -563,6 +799,7 @@ def LRN(
     return Layer(init, apply, name=name, kind="lrn")
 
 
+@_configured
 def BatchNorm(
     *,
     momentum: float = 0.999,
@@ -612,6 +849,8 @@ def BatchNorm(
         return tuple(in_shape), params, _norm.batch_norm_state(c)
 
     def apply(params, state, x, *, key=None, train=False):
+        if affine and jnp.ndim(x) >= 2:  # else the op reports the rank
+            _check_per_channel(params, ("scale", "shift"), x, "BatchNorm")
         y, state = _norm.batch_norm(x, state, train=train, **cfg)
         if affine:
             shape = (1,) * (y.ndim - 1) + (y.shape[-1],)
@@ -624,6 +863,7 @@ def BatchNorm(
     return Layer(init, apply, name=name, kind="batch_norm", mults=mults)
 
 
+@_configured
 def Dropout(rate: float = 0.5, *, name: str | None = None) -> Layer:
     """Caffe's Dropout layer: :func:`fnlayers.dropout`. ``rate`` is the **drop** probability
     (Caffe's ``dropout_ratio``, default 0.5); kept units are scaled by ``1/(1 - rate)`` at train
@@ -643,11 +883,13 @@ def Dropout(rate: float = 0.5, *, name: str | None = None) -> Layer:
     return Layer(init, apply, name=name, kind="dropout", needs_key=True)
 
 
+@_configured
 def ReLU(negative_slope: float = 0.0, *, name: str | None = None) -> Layer:
     """Caffe's ReLU layer: :func:`fnlayers.relu` (leaky when ``negative_slope`` is set)."""
     return _elementwise(lambda x: _act.relu(x, negative_slope), "relu", name)
 
 
+@_configured
 def PReLU(
     *,
     channel_shared: bool = False,
@@ -667,27 +909,33 @@ def PReLU(
         return tuple(in_shape), {"alpha": alpha_init(key, shape, jnp.float32)}, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        if jnp.ndim(x) >= 1:
+            _check_per_channel(params, ("alpha",), x, "PReLU", shared=channel_shared)
         return _act.prelu(x, params["alpha"].astype(x.dtype)), state
 
     mults = _mults(("alpha",), lr_mult, decay_mult, "PReLU")
     return Layer(init, apply, name=name, kind="prelu", mults=mults)
 
 
+@_configured
 def ELU(alpha: float = 1.0, *, name: str | None = None) -> Layer:
     """Caffe's ELU layer: :func:`fnlayers.elu`."""
     return _elementwise(lambda x: _act.elu(x, alpha), "elu", name)
 
 
+@_configured
 def Sigmoid(*, name: str | None = None) -> Layer:
     """Caffe's Sigmoid layer: :func:`fnlayers.sigmoid`."""
     return _elementwise(_act.sigmoid, "sigmoid", name)
 
 
+@_configured
 def Tanh(*, name: str | None = None) -> Layer:
     """Caffe's TanH layer: :func:`fnlayers.tanh`."""
     return _elementwise(_act.tanh, "tanh", name)
 
 
+@_configured
 def Maxout(pieces: int, *, name: str | None = None) -> Layer:
     """:func:`fnlayers.maxout` (not in Caffe): ``(..., C) -> (..., C // pieces)``."""
     if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
@@ -768,33 +1016,6 @@ def _per_param(value, names, arg, where) -> tuple[float, ...]:
     return values
 
 
-def _path_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _leaf_mults(layer: Layer, path: list[str]):
-    """The ``(lr_mult, decay_mult)`` of the parameter at ``path`` inside ``layer``, or None."""
-    while layer.children:
-        if layer.kind == "shared":
-            layer = layer.children[0][1]
-            continue
-        if not path:
-            return None
-        child = dict(layer.children).get(path[0])
-        if child is None:
-            return None
-        layer, path = child, path[1:]
-    if not path:
-        return None
-    for name, lr, decay in layer.mults:
-        if name == path[0]:
-            return lr, decay
-    return None
-
-
 def _abstract_init(layer: Layer, in_shape):
     """``layer.init`` traced abstractly: ``(out_shape, param count)``, no array materialised."""
     box = []
@@ -808,16 +1029,254 @@ def _abstract_init(layer: Layer, in_shape):
     return box[0], sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
-def _collect_shapes(layer: Layer, in_shape, prefix, rows):
-    if layer.kind == "serial":
-        shape = in_shape
-        for name, child in layer.children:
-            shape = _collect_shapes(child, shape, f"{prefix}{name}/", rows)
-        return shape
-    if layer.kind == "shared":
-        inner = layer.children[0][1]
-        branch = _collect_shapes(inner, in_shape[0], prefix, rows)
-        return (branch,) * len(in_shape)
-    out_shape, count = _abstract_init(layer, in_shape)
-    rows.append((prefix.rstrip("/") or layer.name or layer.kind, out_shape, count))
-    return out_shape
+# ----------------------------------------------------------------------------- containers
+
+
+def _walk(layer: Layer, path: str, params, state) -> Iterator[LayerNode]:
+    yield LayerNode(path, layer, params, state)
+    for name, child in layer.children:
+        sub_params, sub_state = layer.child_tree(params, name), layer.child_tree(state, name)
+        yield from _walk(child, child_path(path, name), sub_params, sub_state)
+
+
+def _opening(on_leaf: Callable, prefix: str, method: str) -> Callable:
+    """A child ``call`` for ``Container.init_with``/``apply_with`` (``method``) that opens
+    containers with their own logic and hands leaf layers to ``on_leaf(path, leaf, ...)``."""
+
+    def call(name, layer, *args, **kwargs):
+        path = child_path(prefix, name)
+        if layer.is_container:
+            run = getattr(layer.container, method)
+            return run(_opening(on_leaf, path, method), *args, **kwargs)
+        return on_leaf(path, layer, *args, **kwargs)
+
+    return call
+
+
+def _init_child(name: str, layer: Layer, key, in_shape):
+    return layer.init(key, in_shape)
+
+
+def _apply_child(name: str, layer: Layer, params, state, x, *, key=None, train=False):
+    return layer.apply(params, state, x, key=key, train=train)
+
+
+def _naming(call: Callable) -> Callable:
+    """``call`` with a child's ValueError/TypeError re-raised under the child's name."""
+
+    def named(name, layer, *args, **kwargs):
+        try:
+            return call(name, layer, *args, **kwargs)
+        except (ValueError, TypeError) as err:
+            _add_path(err, name)
+            raise
+
+    return named
+
+
+def _add_path(err: Exception, name: str) -> None:
+    """Prefixes ``name`` to the layer path in ``err``'s message: ``"conv2d: ..."`` becomes
+    ``"conv1: conv2d: ..."``, and ``"conv1: ..."`` from an inner container ``"block/conv1:
+    ..."``. The path and the bare message are kept as ``err.layer_path`` and
+    ``err.layer_message``."""
+    if not name or not err.args or not isinstance(err.args[0], str):
+        return
+    inner = getattr(err, "layer_path", None)
+    message = getattr(err, "layer_message", err.args[0])
+    path = child_path(name, inner or "")
+    err.layer_path, err.layer_message = path, message
+    err.args = (f"{path}: {message}", *err.args[1:])
+
+
+def _param_error(param: str, message: str) -> ValueError:
+    """A ValueError about the parameter ``param`` of a leaf layer; the containers above it
+    prefix their names to the path (``"conv1/w: ..."``)."""
+    err = ValueError(f"{param}: {message}")
+    err.layer_path, err.layer_message = param, message
+    return err
+
+
+def _named_children(layers: Sequence[Layer], where: str) -> tuple[tuple[str, Layer], ...]:
+    """``(name, layer)`` pairs: each layer's name, or ``f"{kind}_{position}"``."""
+    if not layers:
+        raise ValueError(f"{where}: needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"{where}: argument {i} is {type(layer).__name__}, not a Layer")
+    names = [layer.name or f"{layer.kind}_{i}" for i, layer in enumerate(layers)]
+    seen = set()
+    for nm in names:
+        if nm in seen:
+            raise ValueError(f"{where}: two layers are named {nm!r}; names must be unique")
+        seen.add(nm)
+    return tuple(zip(names, layers, strict=True))
+
+
+def _by_part(outs: dict[str, tuple]) -> tuple[dict[str, Any], ...]:
+    """``{name: (a, b, ...)}`` as ``({name: a}, {name: b}, ...)``."""
+    width = len(next(iter(outs.values())))
+    return tuple({nm: out[i] for nm, out in outs.items()} for i in range(width))
+
+
+def _check_key(needs_key, key, train, children, where):
+    if needs_key and train and key is None:
+        first = next(nm for nm, layer in children if layer.needs_key)
+        raise missing_key_error(f"{where} (layer {first!r})")
+
+
+def _split_or_none(key, n):
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def _tuple_of_shapes(in_shape, n) -> tuple[Shape, ...]:
+    if (
+        not isinstance(in_shape, tuple | list)
+        or len(in_shape) != n
+        or not all(isinstance(s, tuple | list) for s in in_shape)
+    ):
+        raise ValueError(f"shared: in_shape={in_shape!r} must be a tuple of {n} shapes")
+    shapes = tuple(tuple(s) for s in in_shape)
+    if len(set(shapes)) != 1:
+        raise ValueError(f"shared: the {n} input shapes must agree, got {shapes}")
+    return shapes
+
+
+def _param_mult(by_path: Mapping[str, tuple], path: str, index: int) -> float:
+    """The lr (``index`` 0) or decay (1) multiplier of the parameter at ``path``
+    (``"conv1/w"``), given each leaf layer's mults by layer path."""
+    parts = path.split("/")
+    for i in range(len(parts)):
+        mults = by_path.get("/".join(parts[:i]))
+        if mults is not None:
+            return next((m[1 + index] for m in mults if m[0] == parts[i]), 1.0)
+    return 1.0
+
+
+def _count(params) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- repr
+
+
+def _changed_arguments(signature: inspect.Signature, arguments: Mapping[str, Any]):
+    """``(name, value)`` for the arguments that differ from the defaults, sub-layers and the
+    layer name left out."""
+    for param in signature.parameters.values():
+        if param.name == "name" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.name in arguments and not isinstance(arguments[param.name], Layer):
+            value = arguments[param.name]
+            if not _is_default(value, param.default):
+                yield param.name, value
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except (TypeError, ValueError):  # arrays compare elementwise
+        return False
+
+
+def _describe(layer: Layer, key: str, indent: str) -> list[str]:
+    """The lines of ``repr(layer)``: ``key: Constructor(config)``, children indented inside."""
+    head = f"{indent}{key}: " if key else indent
+    if not layer.is_container:
+        return [head + _call_text(layer)]
+    lines = [head + _constructor_name(layer) + "("]
+    for name, child in layer.children:
+        child_lines = _describe(child, name or child.name or "", indent + "  ")
+        lines += [*child_lines[:-1], child_lines[-1] + ","]
+    lines += [f"{indent}  {arg}={_show(value)}," for arg, value in layer.config]
+    return [*lines, indent + ")"]
+
+
+def _call_text(layer: Layer) -> str:
+    """``"Conv2D(20, kernel_size=5)"``: the first argument bare when it is positional."""
+    args = [f"{arg}={_show(value)}" for arg, value in layer.config]
+    if layer.config and layer.config[0][0] == _first_positional(layer.constructor):
+        args[0] = _show(layer.config[0][1])
+    return f"{_constructor_name(layer)}({', '.join(args)})"
+
+
+def _constructor_name(layer: Layer) -> str:
+    return getattr(layer.constructor, "__name__", None) or layer.kind
+
+
+@functools.cache
+def _first_positional(constructor) -> str | None:
+    if constructor is None:
+        return None
+    first = next(iter(inspect.signature(constructor).parameters.values()), None)
+    return first.name if first is not None and first.kind == first.POSITIONAL_OR_KEYWORD else None
+
+
+def _show(value) -> str:
+    """A value as the repr shows it; a function by its name (``xavier(...)`` for one an
+    ``fnlayers.init`` factory made)."""
+    if not callable(value):
+        return repr(value)
+    qualname = getattr(value, "__qualname__", type(value).__name__)
+    outer, _, inner = qualname.partition(".<locals>.")
+    if inner and getattr(value, "__module__", "") == _init.__name__:
+        return f"{outer}(...)"
+    return qualname.rpartition(".")[2]
+
+
+# ----------------------------------------------------------------------------- parameter checks
+# Run by apply at trace time, on static shapes only.
+
+
+def _param_shape(params, param: str, where: str) -> Shape:
+    if not isinstance(params, Mapping) or param not in params:
+        keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise _param_error(param, f"{where}: parameter missing (params has {keys})")
+    return tuple(jnp.shape(params[param]))
+
+
+def _check_param(params, param: str, expected: Shape, where: str, context: str = "") -> None:
+    """Raises a ValueError naming ``param`` unless ``params[param]`` has shape ``expected``."""
+    actual = _param_shape(params, param, where)
+    if actual != tuple(expected):
+        raise _param_error(
+            param, f"{where}: expected shape {tuple(expected)}{context}, got {actual}"
+        )
+
+
+def _check_conv_params(params, x, w_for, c_in_of, layout: str, where: str) -> None:
+    """Checks a convolution's ``w`` (and ``b``) against its configuration and an NHWC ``x``.
+
+    ``w_for(c_in)`` is the weight shape for ``c_in`` input channels, ``c_in_of(w_shape)`` the
+    input channels a weight takes. A weight that fits the layer but takes ``x.shape[1]``
+    channels means an NCHW input, reported as such.
+    """
+    if jnp.ndim(x) != 4:
+        return  # the op reports the rank (NHWC)
+    _, h, _, c_in = jnp.shape(x)
+    w_shape = _param_shape(params, "w", where)
+    if len(w_shape) == 4 and w_shape == w_for(c_in_of(w_shape)) and c_in_of(w_shape) == h != c_in:
+        raise ValueError(
+            f"{where}: input of shape {jnp.shape(x)} has {c_in} channels on its last axis but "
+            f"the weights take C_in={h}: inputs are NHWC (N, H, W, C), channels last, and this "
+            "one looks NCHW; transpose it with x.transpose(0, 2, 3, 1)"
+        )
+    context = f" {layout} for an NHWC input with C={c_in} channels on its last axis"
+    _check_param(params, "w", w_for(c_in), where, context)
+
+
+def _check_per_channel(params, names, x, where: str, *, shared: bool = False) -> None:
+    """Checks that the parameters ``names`` are ``(C,)`` for an ``x`` with channels last
+    (``()`` when ``shared``)."""
+    shape = () if shared else (jnp.shape(x)[-1],)
+    context = f" for an input of shape {jnp.shape(x)}, channels last"
+    for param in names:
+        _check_param(params, param, shape, where, context)
+
+
+def _check_bias(params, bias: bool, num_output: int, where: str) -> None:
+    if bias:
+        _check_param(params, "b", (num_output,), where)
