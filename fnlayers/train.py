@@ -45,6 +45,7 @@ from fnlayers import checkpoint as _checkpoint
 from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
 from fnlayers import distributed as _dist
+from fnlayers import optim as _optim
 from fnlayers._checks import check_choice
 from fnlayers.layers import Layer, _abstract_init
 
@@ -118,6 +119,7 @@ def create_train_state(
     ``key`` is split: one part initialises the model, the other becomes the run's key. With a
     ``mesh`` (see :func:`make_train_step`) every leaf is replicated on every device of it.
     """
+    optimizer = _optim.check_optimizer(optimizer, fn="create_train_state")
     dp = _data_parallel(mesh, data_axis, "create_train_state")
     k_init, k_run = jax.random.split(key)
 
@@ -186,8 +188,9 @@ def make_train_step(
     Args:
       model: the network; ``model.apply(params, state, x, key=k, train=True)``.
       loss_fn: ``loss_fn(outputs, y) -> scalar``, e.g. ``fl.losses.softmax_cross_entropy``.
-      optimizer: an object with ``update(grads, opt_state, params) -> (params, opt_state)``
-        (``fl.optim.sgd``); it may expose ``learning_rate_at(opt_state)`` for the metrics.
+      optimizer: an :class:`fnlayers.optim.Optimizer` (``fl.optim.sgd(...)``, or an optax
+        transformation wrapped by ``fl.optim.from_optax(tx)``): ``update(grads, opt_state,
+        params) -> (params, opt_state)``; its ``learning_rate_at`` gives the ``lr`` metric.
       metrics: extra ``name -> fn(outputs, y)`` computed on the training batch.
       donate: donate the incoming train state's buffers (they must not be used afterwards).
       grad_norms: also return ``metrics["grad_norm"]``, ``{layer: L2 norm of the layer's
@@ -224,6 +227,7 @@ def make_train_step(
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name}={flag!r} must be a bool")
     check_choice(batch_norm, _dist.BATCH_NORM_MODES, fn=fn, name="batch_norm")
+    optimizer = _optim.check_optimizer(optimizer, fn=fn)
     dp = _data_parallel(mesh, data_axis, fn)
     slices = dp.size if dp is not None and batch_norm == "per_device" else 1
     forward = _train_forward(model, data_axis, slices)
@@ -239,7 +243,7 @@ def make_train_step(
         (loss, (outputs, new_state)), grads = grad_fn(ts.params, ts.state, step_key, x, y)
         params, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         out = {"loss": loss}
-        if hasattr(optimizer, "learning_rate_at"):
+        if optimizer.learning_rate_at is not None:
             out["lr"] = optimizer.learning_rate_at(ts.opt_state)
         for name, metric in metrics.items():
             out[name] = metric(outputs, y)
@@ -483,6 +487,7 @@ def fit(
         The message names the layer whose gradient went non-finite first (this iteration or
         the one before), or says that every gradient stayed finite.
     """
+    optimizer = _optim.check_optimizer(optimizer, fn="fit")
     dp = _data_parallel(mesh, data_axis, "fit")
     source = _batch_source(train_data, batch_size, seed, augment, dp)
     total = _run_length(iterations, epochs, source.steps_per_epoch)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +234,52 @@ def test_create_train_state_matches_an_eager_init(key):
     k_init, _ = jax.random.split(key)
     _, params, _ = model.init(k_init, (-1, 12, 12, 1))
     jax.tree.map(np.testing.assert_array_equal, ts.params, params)
+
+
+class _OptaxStyle(NamedTuple):
+    """An optax-style GradientTransformation written by hand (optax is not a dependency):
+    ``update`` returns updates to add to the parameters, not new parameters."""
+
+    init: Any
+    update: Any
+
+
+def _optax_style_sgd(rate):
+    def update(grads, state, params=None):
+        return jax.tree.map(lambda g: -rate * g, grads), state
+
+    return _OptaxStyle(lambda params: (), update)
+
+
+def test_an_optax_style_transformation_trains_in_fit_when_wrapped(digits12):
+    xy = (digits12.x_train, digits12.y_train)
+    kw = dict(batch_size=50, iterations=12, progress=False, log_every=4)
+    args = (small_net(), losses.softmax_cross_entropy)
+    wrapped, hw = train.fit(
+        *args, optim.from_optax(_optax_style_sgd(0.1), learning_rate=0.1), xy, **kw
+    )
+    plain, _ = train.fit(*args, optim.sgd(0.1), xy, **kw)
+    # plain SGD without momentum is w - lr*g in both spellings
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        wrapped.params,
+        plain.params,
+    )
+    assert hw.records[-1]["loss"] < hw.records[0]["loss"]
+    assert hw.records[0]["lr"] == pytest.approx(0.1)
+
+
+def test_an_optax_style_transformation_passed_bare_is_a_type_error(digits12):
+    xy = (digits12.x_train, digits12.y_train)
+    with pytest.raises(TypeError, match="from_optax"):
+        train.fit(
+            small_net(),
+            losses.softmax_cross_entropy,
+            _optax_style_sgd(0.1),
+            xy,
+            batch_size=50,
+            iterations=2,
+            progress=False,
+        )
+    with pytest.raises(TypeError, match="from_optax"):
+        train.make_train_step(small_net(), losses.softmax_cross_entropy, _optax_style_sgd(0.1))
