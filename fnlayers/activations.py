@@ -6,16 +6,15 @@ the last axis (NHWC).
 
 from __future__ import annotations
 
-import numbers
-
 import jax.numpy as jnp
 
-from fnlayers._checks import check_float_array, check_same_dtype
+from fnlayers._checks import check_float_array, check_positive_int, check_real, check_same_dtype
+from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["elu", "maxout", "prelu", "relu", "sigmoid", "tanh"]
 
 
-def relu(x, negative_slope=0.0):
+def relu(x: ArrayLike, negative_slope: float = 0.0) -> Array:
     """Caffe's ReLU (§7): ``y = max(x, 0) + negative_slope * min(x, 0)``.
 
     The derivative is ``1`` for ``x > 0`` and ``negative_slope`` for ``x <= 0`` (so 0 at
@@ -23,14 +22,14 @@ def relu(x, negative_slope=0.0):
     """
     fn = "relu"
     x = _check_x(x, fn)
-    _check_real(negative_slope, fn, "negative_slope")
+    check_real(negative_slope, fn=fn, name="negative_slope")
     if negative_slope == 0:
         # +0 (not -0) for negative inputs, and NaN passes through as in Caffe's std::max.
         return jnp.where((x > 0) | jnp.isnan(x), x, jnp.zeros((), x.dtype))
     return jnp.where(x > 0, x, x * jnp.asarray(negative_slope, x.dtype))
 
 
-def prelu(x, alpha):
+def prelu(x: ArrayLike, alpha: ArrayLike) -> Array:
     """Caffe's PReLU (§7): ``y = max(x, 0) + alpha_c * min(x, 0)``.
 
     Args:
@@ -62,7 +61,7 @@ def prelu(x, alpha):
     return jnp.where(x > 0, x, alpha * x)
 
 
-def elu(x, alpha=1.0):
+def elu(x: ArrayLike, alpha: float = 1.0) -> Array:
     """Caffe's ELU (§7): ``y = max(x, 0) + alpha * (exp(min(x, 0)) - 1)``.
 
     The derivative is ``1`` for ``x > 0`` and ``y + alpha`` (= ``alpha * exp(x)``) for
@@ -71,26 +70,26 @@ def elu(x, alpha=1.0):
     """
     fn = "elu"
     x = _check_x(x, fn)
-    _check_real(alpha, fn, "alpha")
+    check_real(alpha, fn=fn, name="alpha")
     positive = x > 0
     # where(), not min(): the derivative of min(x, 0) at a tie would be split in half.
     negative_part = jnp.where(positive, jnp.zeros((), x.dtype), x)
     return jnp.where(positive, x, jnp.asarray(alpha, x.dtype) * jnp.expm1(negative_part))
 
 
-def sigmoid(x):
+def sigmoid(x: ArrayLike) -> Array:
     """Caffe's Sigmoid (§7), computed as Caffe does: ``0.5 * tanh(0.5 * x) + 0.5``."""
     x = _check_x(x, "sigmoid")
     half = jnp.asarray(0.5, x.dtype)
     return half * jnp.tanh(half * x) + half
 
 
-def tanh(x):
+def tanh(x: ArrayLike) -> Array:
     """Caffe's TanH (§7): ``tanh(x)``."""
     return jnp.tanh(_check_x(x, "tanh"))
 
 
-def maxout(x, pieces):
+def maxout(x: ArrayLike, pieces: int) -> Array:
     """Maxout (not in Caffe; DESIGN.md): ``(..., C) -> (..., C // pieces)``.
 
     The channels are split as ``(C // pieces, pieces)`` (output channel j takes the maximum of
@@ -99,12 +98,12 @@ def maxout(x, pieces):
     piece makes the output NaN.
 
     Raises:
-      ValueError: ``pieces`` is not a positive int or does not divide C.
+      TypeError: ``pieces`` is not an int.
+      ValueError: ``pieces`` is not positive or does not divide C.
     """
     fn = "maxout"
     x = _check_x(x, fn)
-    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
-        raise ValueError(f"{fn}: pieces={pieces!r} must be a positive int")
+    pieces = check_positive_int(pieces, fn=fn, name="pieces")
     if x.ndim < 1 or x.shape[-1] % pieces:
         c = x.shape[-1] if x.ndim else None
         raise ValueError(f"{fn}: pieces={pieces} does not divide the channel count C={c}")
@@ -122,8 +121,3 @@ def maxout(x, pieces):
 def _check_x(x, fn):
     check_float_array(x, fn=fn, name="x")
     return jnp.asarray(x)
-
-
-def _check_real(value, fn, name):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{fn}: {name}={value!r} must be a real number")

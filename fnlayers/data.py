@@ -32,10 +32,13 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
+
+from fnlayers._checks import check_int, check_real
 
 __all__ = [
     "DIGITS_SOURCE_SIZE",
@@ -54,6 +57,11 @@ DIGITS_SOURCE_SIZE = 8  # the bundled digits are 8x8
 _DIGITS_PADDED = DIGITS_SOURCE_SIZE + 2
 _DIGITS_COUNT = 1797
 _CIFAR_RECORD = 1 + 3 * 32 * 32
+
+_Path: TypeAlias = str | os.PathLike
+_Augment: TypeAlias = Callable[
+    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
+]
 
 
 class Dataset(NamedTuple):
@@ -100,11 +108,10 @@ def load_digits(size: int = 28, *, test_fraction: float = 0.2, seed: int = 0) ->
       ``y_*`` of shape ``(N,)`` int32 in ``0..9``.
     """
     fn = "load_digits"
-    size = _check_int(size, fn=fn, name="size", minimum=1)
-    seed = _check_int(seed, fn=fn, name="seed", minimum=0)
-    if not isinstance(test_fraction, int | float | np.floating) or isinstance(test_fraction, bool):
-        raise TypeError(f"{fn}: test_fraction={test_fraction!r} must be a number in (0, 1)")
-    if not 0 < test_fraction < 1:
+    size = check_int(size, fn=fn, name="size", minimum=1)
+    seed = check_int(seed, fn=fn, name="seed", minimum=0)
+    what = "a number in (0, 1)"
+    if not 0 < check_real(test_fraction, fn=fn, name="test_fraction", what=what) < 1:
         raise ValueError(f"{fn}: test_fraction={test_fraction!r} must be in (0, 1)")
 
     raw = _digits_raw()
@@ -133,7 +140,7 @@ def load_digits(size: int = 28, *, test_fraction: float = 0.2, seed: int = 0) ->
     return Dataset(x[train], labels[train], x[test], labels[test])
 
 
-def read_mnist_idx(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
+def read_mnist_idx(images_path: _Path, labels_path: _Path) -> tuple[np.ndarray, np.ndarray]:
     """Reads an MNIST image file and its label file (IDX format, plain or gzip-compressed).
 
     IDX: a big-endian header (magic ``0x00000803`` then N, rows, cols for images; ``0x00000801``
@@ -164,7 +171,9 @@ def read_mnist_idx(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
     return (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)
 
 
-def read_cifar10_batches(paths) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10_batches(
+    paths: _Path | Iterable[_Path],
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads CIFAR-10 binary batches (``data_batch_1.bin`` ... ``data_batch_5.bin``,
     ``test_batch.bin``) and concatenates them in the order given.
 
@@ -216,8 +225,8 @@ def read_cifar10_batches(paths) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batches(
-    x,
-    y,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
     batch_size: int,
     *,
     seed: int = 0,
@@ -255,8 +264,8 @@ def batches(
 
 
 def epochs(
-    x,
-    y,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
     batch_size: int,
     *,
     seed: int = 0,
@@ -291,11 +300,11 @@ def epochs(
     fn = "epochs"
     x, y, _ = _check_batch_args(x, y, batch_size, seed, start_epoch, drop_last, fn=fn)
     if num_epochs is not None:
-        num_epochs = _check_int(num_epochs, fn=fn, name="num_epochs", minimum=0)
+        num_epochs = check_int(num_epochs, fn=fn, name="num_epochs", minimum=0)
     return _epoch_iter(x, y, batch_size, seed, start_epoch, num_epochs, shuffle, drop_last)
 
 
-def random_shift(max_shift: int = 1):
+def random_shift(max_shift: int = 1) -> _Augment:
     """A training-batch augmentation: every image moved by a random whole-pixel offset.
 
     Returns ``augment(x, y, rng) -> (x_shifted, y)`` for :func:`fnlayers.train.fit`. Each image
@@ -303,7 +312,7 @@ def random_shift(max_shift: int = 1):
     ``[-max_shift, max_shift]`` per image with the numpy Generator ``rng``; pixels shifted in
     from outside are 0. Labels are unchanged.
     """
-    max_shift = _check_int(max_shift, fn="random_shift", name="max_shift", minimum=0)
+    max_shift = check_int(max_shift, fn="random_shift", name="max_shift", minimum=0)
 
     def augment(x, y, rng):
         x = np.asarray(x)
@@ -330,8 +339,8 @@ def steps_per_epoch(num_examples: int, batch_size: int, *, drop_last: bool) -> i
     """Batches in one epoch: ``num_examples // batch_size``, plus one for a partial last batch
     when ``drop_last`` is False."""
     fn = "steps_per_epoch"
-    num_examples = _check_int(num_examples, fn=fn, name="num_examples", minimum=0)
-    batch_size = _check_int(batch_size, fn=fn, name="batch_size", minimum=1)
+    num_examples = check_int(num_examples, fn=fn, name="num_examples", minimum=0)
+    batch_size = check_int(batch_size, fn=fn, name="batch_size", minimum=1)
     full, rest = divmod(num_examples, batch_size)
     return full + (1 if rest and not drop_last else 0)
 
@@ -416,9 +425,9 @@ def _read_idx(path, ndim: int, *, fn: str, name: str, what: str) -> np.ndarray:
 
 
 def _check_batch_args(x, y, batch_size, seed, epoch, drop_last, *, fn: str):
-    batch_size = _check_int(batch_size, fn=fn, name="batch_size", minimum=1)
-    _check_int(seed, fn=fn, name="seed", minimum=0)
-    _check_int(epoch, fn=fn, name="start_epoch" if fn == "epochs" else "epoch", minimum=0)
+    batch_size = check_int(batch_size, fn=fn, name="batch_size", minimum=1)
+    check_int(seed, fn=fn, name="seed", minimum=0)
+    check_int(epoch, fn=fn, name="start_epoch" if fn == "epochs" else "epoch", minimum=0)
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError(
@@ -456,11 +465,3 @@ def _epoch_iter(x, y, batch_size, seed, start_epoch, num_epochs, shuffle, drop_l
     while num_epochs is None or epoch < start_epoch + num_epochs:
         yield epoch, _batch_iter(x, y, n, batch_size, seed, epoch, shuffle, drop_last)
         epoch += 1
-
-
-def _check_int(value, *, fn: str, name: str, minimum: int) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
-        raise TypeError(f"{fn}: {name}={value!r} must be an int")
-    if value < minimum:
-        raise ValueError(f"{fn}: {name}={value!r} must be >= {minimum}")
-    return int(value)

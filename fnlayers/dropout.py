@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fnlayers._checks import check_float_array
+from fnlayers._checks import check_bool, check_float_array, check_key, check_real
+from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["dropout"]
 
 
-def dropout(x, rate, *, key=None, train=False):
+def dropout(x: ArrayLike, rate: float, *, key: Array | None = None, train: bool = False) -> Array:
     """Caffe's Dropout with inverted scaling (§6).
 
     Args:
@@ -38,24 +36,17 @@ def dropout(x, rate, *, key=None, train=False):
     """
     fn = "dropout"
     check_float_array(x, fn=fn, name="x")
-    if not isinstance(rate, numbers.Real) or isinstance(rate, bool):
-        raise TypeError(f"{fn}: rate={rate!r} must be a real number in [0, 1)")
-    if not 0 <= rate < 1:
+    p = check_real(rate, fn=fn, name="rate", what="a real number in [0, 1)")
+    if not 0 <= p < 1:
         raise ValueError(f"{fn}: rate={rate!r} is the drop probability and must be in [0, 1)")
-    if not isinstance(train, bool | np.bool_):
-        raise TypeError(f"{fn}: train={train!r} must be a Python bool")
+    check_bool(train, fn=fn, name="train", what="a Python bool")
     x = jnp.asarray(x)
     if not train:
         return x
-    if key is None:
-        raise ValueError(
-            f"{fn}: train=True draws random numbers, so it needs a PRNG key: pass "
-            "key=jax.random.key(seed) (and split a fresh one for every step, e.g. "
-            "key, step_key = jax.random.split(key))"
-        )
-    if rate == 0:
+    check_key(key, fn=fn)
+    if p == 0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - float(rate), x.shape)
+    keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     # Caffe multiplies by scale = 1/(1 - p), computed once.
-    scale = jnp.asarray(1.0 / (1.0 - float(rate)), x.dtype)
+    scale = jnp.asarray(1.0 / (1.0 - p), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))

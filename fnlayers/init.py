@@ -20,11 +20,14 @@ likewise means per index of the last axis.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
 
 from fnlayers._checks import check_choice
+from fnlayers._typing import Array, DTypeLike, Shape
 
 __all__ = [
     "bilinear",
@@ -39,8 +42,11 @@ __all__ = [
 
 _NORMS = ("fan_in", "fan_out", "average")
 
+#: What every constructor returns: ``init(key, shape, dtype=jnp.float32) -> array``.
+Initializer: TypeAlias = Callable[[Array, Shape, DTypeLike], Array]
 
-def constant(value: float = 0.0):
+
+def constant(value: float = 0.0) -> Initializer:
     """Every element equals ``value`` (Caffe ``constant``; its default value is 0)."""
 
     def init(key, shape, dtype=jnp.float32):
@@ -49,7 +55,7 @@ def constant(value: float = 0.0):
     return init
 
 
-def uniform(minval: float = 0.0, maxval: float = 1.0):
+def uniform(minval: float = 0.0, maxval: float = 1.0) -> Initializer:
     """``U(minval, maxval)`` (Caffe ``uniform``, defaults min=0, max=1)."""
     if not minval <= maxval:
         raise ValueError(f"uniform: minval={minval} must be <= maxval={maxval}")
@@ -60,7 +66,7 @@ def uniform(minval: float = 0.0, maxval: float = 1.0):
     return init
 
 
-def gaussian(std: float = 1.0, mean: float = 0.0, *, sparse: int | None = None):
+def gaussian(std: float = 1.0, mean: float = 0.0, *, sparse: int | None = None) -> Initializer:
     """``N(mean, std)`` (Caffe ``gaussian``). With ``sparse``, each element is kept with
     probability ``sparse / C_out`` (C_out = ``shape[-1]``, Caffe's ``shape(0)``) and zeroed
     otherwise."""
@@ -82,7 +88,7 @@ def gaussian(std: float = 1.0, mean: float = 0.0, *, sparse: int | None = None):
     return init
 
 
-def positive_unitball():
+def positive_unitball() -> Initializer:
     """``U(0, 1)``, then every output unit's weights (all axes but the last) divided by their
     sum, so each sums to 1 (Caffe ``positive_unitball``)."""
 
@@ -97,7 +103,7 @@ def positive_unitball():
     return init
 
 
-def xavier(variance_norm: str = "fan_in", distribution: str = "uniform"):
+def xavier(variance_norm: str = "fan_in", distribution: str = "uniform") -> Initializer:
     """Caffe ``xavier``: ``U(-sqrt(3/n), sqrt(3/n))`` with ``n`` = fan_in, fan_out, or their
     average. ``distribution="normal"`` draws ``N(0, sqrt(1/n))`` instead (same variance, 1/n)."""
     check_choice(variance_norm, _NORMS, fn="xavier", name="variance_norm")
@@ -115,7 +121,7 @@ def xavier(variance_norm: str = "fan_in", distribution: str = "uniform"):
     return init
 
 
-def msra(variance_norm: str = "fan_in"):
+def msra(variance_norm: str = "fan_in") -> Initializer:
     """Caffe ``msra`` (He et al.): ``N(0, sqrt(2/n))``, ``n`` as in :func:`xavier`."""
     check_choice(variance_norm, _NORMS, fn="msra", name="variance_norm")
 
@@ -126,7 +132,7 @@ def msra(variance_norm: str = "fan_in"):
     return init
 
 
-def bilinear():
+def bilinear() -> Initializer:
     """Caffe ``bilinear``: the bilinear-interpolation kernel for upsampling deconvolutions.
 
     ``shape`` is ``(K, K, I, O)`` (square kernel). With ``f = ceil(K/2)`` and
@@ -148,7 +154,7 @@ def bilinear():
     return init
 
 
-def fans(shape) -> tuple[float, float]:
+def fans(shape: Shape) -> tuple[float, float]:
     """``(fan_in, fan_out)`` of a weight shape by Caffe's rule translated to our layouts."""
     if len(shape) == 0:
         raise ValueError("fans: a scalar weight has no fans")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 from jax import lax
 
-from fnlayers._checks import check_float_array, check_same_dtype
+from fnlayers._checks import acc_dtype, check_float_array, check_same_dtype
+from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["dense", "flatten"]
 
 
-def dense(x, w, b=None):
+def dense(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None) -> Array:
     """Caffe's InnerProduct with axis=1: every axis after the first is flattened.
 
     Args:
@@ -37,10 +37,9 @@ def dense(x, w, b=None):
             f"dense: w.shape[0]={w.shape[0]} must equal K={k}, the product of x's trailing "
             f"axes {x.shape[1:]}"
         )
-    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    y = lax.dot_general(flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc).astype(
-        x.dtype
-    )
+    acc = acc_dtype(x.dtype)
+    y = lax.dot_general(flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    y = y.astype(x.dtype)
     if b is None:
         return y
     check_same_dtype(x, b, fn=fn, names=("x", "b"))
@@ -49,7 +48,7 @@ def dense(x, w, b=None):
     return y + b.reshape(1, -1)
 
 
-def flatten(x):
+def flatten(x: ArrayLike) -> Array:
     """``(N, d1, ..., dk) -> (N, d1*...*dk)``, row-major (NHWC order for images)."""
     if x.ndim < 1:
         raise ValueError(f"flatten: x must have a batch axis, got shape {x.shape}")

@@ -36,7 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fnlayers._checks import check_choice, check_float_array, check_same_dtype
+from fnlayers._checks import (
+    acc_dtype,
+    check_bool,
+    check_choice,
+    check_float_array,
+    check_int,
+    check_real,
+    check_same_dtype,
+    is_int,
+)
+from fnlayers._typing import Array, ArrayLike
 
 __all__ = [
     "FLT_MIN",
@@ -55,7 +65,14 @@ NORMALIZATIONS = ("full", "valid", "batch_size", "none")
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
-def softmax_cross_entropy(logits, labels, *, ignore_label=None, normalization="valid", clamp=False):
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    ignore_label: int | None = None,
+    normalization: str = "valid",
+    clamp: bool = False,
+) -> Array:
     """Caffe's SoftmaxWithLoss: mean negative log-likelihood of the true class (§8).
 
     Args:
@@ -86,11 +103,17 @@ def softmax_cross_entropy(logits, labels, *, ignore_label=None, normalization="v
     logits, labels = _check_scores_and_labels(logits, labels, fn)
     ignore = _check_ignore_label(ignore_label, fn)
     check_choice(normalization, NORMALIZATIONS, fn=fn, name="normalization")
-    _check_bool(clamp, fn, "clamp")
-    return _softmax_cross_entropy(logits, labels, ignore, normalization, bool(clamp))
+    clamp = check_bool(clamp, fn=fn, name="clamp")
+    return _softmax_cross_entropy(logits, labels, ignore, normalization, clamp)
 
 
-def sigmoid_cross_entropy(logits, targets, *, ignore_label=None, normalization="batch_size"):
+def sigmoid_cross_entropy(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    *,
+    ignore_label: int | None = None,
+    normalization: str = "batch_size",
+) -> Array:
     """Caffe's SigmoidCrossEntropyLoss: binary cross-entropy on logits, in the stable form (§8).
 
     Per element ``max(x, 0) - x*t + log(1 + exp(-|x|))`` (computed as ``softplus(x) - x*t``),
@@ -116,13 +139,7 @@ def sigmoid_cross_entropy(logits, targets, *, ignore_label=None, normalization="
     """
     fn = "sigmoid_cross_entropy"
     logits, targets = _as_array(logits), _as_array(targets)
-    check_float_array(logits, fn=fn, name="logits")
-    if logits.ndim < 1:
-        raise ValueError(f"{fn}: logits must be (N, ...) with a batch axis, got a scalar")
-    if targets.shape != logits.shape:
-        raise ValueError(
-            f"{fn}: targets shape {targets.shape} must equal logits shape {logits.shape}"
-        )
+    _check_batch_pair(logits, targets, fn, ("logits", "targets"))
     if jnp.issubdtype(targets.dtype, jnp.floating):
         check_same_dtype(logits, targets, fn=fn, names=("logits", "targets"))
     elif not (jnp.issubdtype(targets.dtype, jnp.integer) or targets.dtype == jnp.bool_):
@@ -135,7 +152,7 @@ def sigmoid_cross_entropy(logits, targets, *, ignore_label=None, normalization="
     return _sigmoid_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), ignore, normalization)
 
 
-def euclidean(pred, target):
+def euclidean(pred: ArrayLike, target: ArrayLike) -> Array:
     """Caffe's EuclideanLoss: ``sum((pred - target)**2) / (2N)`` with N = ``pred.shape[0]`` (§8).
 
     Args:
@@ -150,16 +167,19 @@ def euclidean(pred, target):
     """
     fn = "euclidean"
     pred, target = _as_array(pred), _as_array(target)
-    check_float_array(pred, fn=fn, name="pred")
+    _check_batch_pair(pred, target, fn, ("pred", "target"))
     check_same_dtype(pred, target, fn=fn, names=("pred", "target"))
-    if pred.ndim < 1:
-        raise ValueError(f"{fn}: pred must be (N, ...) with a batch axis, got a scalar")
-    if target.shape != pred.shape:
-        raise ValueError(f"{fn}: target shape {target.shape} must equal pred shape {pred.shape}")
     return _euclidean(jnp.asarray(pred), jnp.asarray(target))
 
 
-def contrastive(a, b, similar, *, margin=1.0, legacy=False):
+def contrastive(
+    a: ArrayLike,
+    b: ArrayLike,
+    similar: ArrayLike,
+    *,
+    margin: float = 1.0,
+    legacy: bool = False,
+) -> Array:
     """Caffe's ContrastiveLoss for Siamese networks (§8).
 
     With ``d² = ||a_i - b_i||²`` summed over every axis after the first, pair ``i`` adds ``d²``
@@ -189,12 +209,9 @@ def contrastive(a, b, similar, *, margin=1.0, legacy=False):
     """
     fn = "contrastive"
     a, b, similar = _as_array(a), _as_array(b), _as_array(similar)
-    check_float_array(a, fn=fn, name="a")
+    layout = "(N, C) or (N, ...) with at least 2 axes"
+    _check_batch_pair(a, b, fn, ("a", "b"), min_rank=2, layout=layout)
     check_same_dtype(a, b, fn=fn, names=("a", "b"))
-    if a.ndim < 2:
-        raise ValueError(f"{fn}: a must be (N, C) or (N, ...) with at least 2 axes, got {a.shape}")
-    if b.shape != a.shape:
-        raise ValueError(f"{fn}: b shape {b.shape} must equal a shape {a.shape}")
     if not (jnp.issubdtype(similar.dtype, jnp.integer) or similar.dtype == jnp.bool_):
         raise TypeError(
             f"{fn}: similar must be bool or integer (nonzero = similar pair), got {similar.dtype}"
@@ -204,13 +221,14 @@ def contrastive(a, b, similar, *, margin=1.0, legacy=False):
             f"{fn}: similar shape {similar.shape} must be (N,) = {a.shape[:1]} for a of "
             f"shape {a.shape}"
         )
-    margin = _check_real(margin, fn, "margin")
-    _check_bool(legacy, fn, "legacy")
+    margin = check_real(margin, fn=fn, name="margin")
+    legacy = check_bool(legacy, fn=fn, name="legacy")
+    return _contrastive(jnp.asarray(a), jnp.asarray(b), jnp.asarray(similar), margin, legacy)
 
-    return _contrastive(jnp.asarray(a), jnp.asarray(b), jnp.asarray(similar), margin, bool(legacy))
 
-
-def accuracy(logits, labels, *, top_k=1, ignore_label=None):
+def accuracy(
+    logits: ArrayLike, labels: ArrayLike, *, top_k: int = 1, ignore_label: int | None = None
+) -> Array:
     """Caffe's Accuracy: the fraction of positions whose true class is in the top ``top_k`` (§8).
 
     Caffe's rule, ties counting against: a position is correct iff
@@ -237,12 +255,10 @@ def accuracy(logits, labels, *, top_k=1, ignore_label=None):
     logits, labels = _check_scores_and_labels(logits, labels, fn)
     ignore = _check_ignore_label(ignore_label, fn)
     k = logits.shape[-1]
-    if not _is_int(top_k):
-        raise TypeError(f"{fn}: top_k={top_k!r} must be an int")
+    top_k = check_int(top_k, fn=fn, name="top_k")
     if not 1 <= top_k <= k:
         raise ValueError(f"{fn}: top_k={top_k} must be in [1, K={k}] for logits {logits.shape}")
-
-    return _accuracy(logits, labels, int(top_k), ignore)
+    return _accuracy(logits, labels, top_k, ignore)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +267,7 @@ def accuracy(logits, labels, *, top_k=1, ignore_label=None):
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _softmax_cross_entropy(logits, labels, ignore, normalization, clamp):
-    x = logits.astype(_compute_dtype(logits.dtype))
+    x = logits.astype(acc_dtype(logits.dtype))
     valid, in_range, safe = _label_masks(labels, ignore, x.shape[-1])
     log_p = jax.nn.log_softmax(x, axis=-1)
     nll = -jnp.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
@@ -267,7 +283,7 @@ def _softmax_cross_entropy(logits, labels, ignore, normalization, clamp):
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _sigmoid_cross_entropy(logits, targets, ignore, normalization):
-    x = logits.astype(_compute_dtype(logits.dtype))
+    x = logits.astype(acc_dtype(logits.dtype))
     t = targets.astype(x.dtype)
     valid = jnp.ones(t.shape, bool) if ignore is None else jnp.trunc(t) != ignore
     per = jnp.where(valid, jax.nn.softplus(x) - x * t, 0.0)
@@ -277,13 +293,13 @@ def _sigmoid_cross_entropy(logits, targets, ignore, normalization):
 
 @jax.jit
 def _euclidean(pred, target):
-    diff = (pred - target).astype(_compute_dtype(pred.dtype))
+    diff = (pred - target).astype(acc_dtype(pred.dtype))
     return (jnp.sum(diff * diff) / (2 * pred.shape[0])).astype(pred.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _contrastive(a, b, similar, margin, legacy):
-    diff = (a - b).astype(_compute_dtype(a.dtype))
+    diff = (a - b).astype(acc_dtype(a.dtype))
     d2 = jnp.sum(diff * diff, axis=tuple(range(1, a.ndim)))
     if legacy:
         gap = margin - d2
@@ -334,6 +350,18 @@ def _check_scores_and_labels(logits, labels, fn):
     return jnp.asarray(logits), jnp.asarray(labels)
 
 
+def _check_batch_pair(x, other, fn, names, *, min_rank=1, layout="(N, ...) with a batch axis"):
+    """``x`` floating with at least ``min_rank`` axes, ``other`` of the same shape."""
+    check_float_array(x, fn=fn, name=names[0])
+    if x.ndim < min_rank:
+        got = "a scalar" if x.ndim == 0 else x.shape
+        raise ValueError(f"{fn}: {names[0]} must be {layout}, got {got}")
+    if other.shape != x.shape:
+        raise ValueError(
+            f"{fn}: {names[1]} shape {other.shape} must equal {names[0]} shape {x.shape}"
+        )
+
+
 def _label_masks(labels, ignore, num_classes):
     # valid: counted positions; in_range: label is a class index; safe: an index to gather with.
     valid = jnp.ones(labels.shape, bool) if ignore is None else labels != ignore
@@ -360,10 +388,6 @@ def _safe_sqrt(x):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-def _compute_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _as_array(x):
     # Keeps the caller's dtype visible to the checks (numpy float64 stays float64).
     return x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
@@ -372,25 +396,6 @@ def _as_array(x):
 def _check_ignore_label(ignore_label, fn):
     if ignore_label is None:
         return None
-    if not _is_int(ignore_label):
+    if not is_int(ignore_label):
         raise TypeError(f"{fn}: ignore_label={ignore_label!r} must be an int or None")
     return int(ignore_label)
-
-
-def _check_bool(value, fn, name):
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{fn}: {name}={value!r} must be a bool")
-
-
-def _check_real(value, fn, name):
-    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(
-        value, bool | np.bool_
-    ):
-        raise TypeError(f"{fn}: {name}={value!r} must be a real number")
-    if not math.isfinite(value):
-        raise ValueError(f"{fn}: {name}={value!r} must be finite")
-    return float(value)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)

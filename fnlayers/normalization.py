@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from fnlayers._checks import check_choice, check_float_array
+from fnlayers._checks import (
+    acc_dtype,
+    check_bool,
+    check_choice,
+    check_float_array,
+    check_int,
+    check_positive_int,
+    check_real,
+)
+from fnlayers._typing import Array, ArrayLike, DTypeLike
 
 __all__ = [
     "LRN_REGIONS",
@@ -37,7 +44,15 @@ LRN_REGIONS = ("across_channels", "within_channel")
 _STATE_KEYS = ("mean_acc", "var_acc", "scale_factor")
 
 
-def lrn(x, *, size=5, alpha=1.0, beta=0.75, k=1.0, region="across_channels"):
+def lrn(
+    x: ArrayLike,
+    *,
+    size: int = 5,
+    alpha: float = 1.0,
+    beta: float = 0.75,
+    k: float = 1.0,
+    region: str = "across_channels",
+) -> Array:
     """Caffe's local response normalization (§4).
 
     Args:
@@ -59,10 +74,11 @@ def lrn(x, *, size=5, alpha=1.0, beta=0.75, k=1.0, region="across_channels"):
     fn = "lrn"
     check_float_array(x, fn=fn, name="x")
     x = jnp.asarray(x)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % 2 == 0:
-        raise ValueError(f"{fn}: size={size!r} must be a positive odd int (Caffe's local_size)")
+    odd = "a positive odd int (Caffe's local_size)"
+    if check_int(size, fn=fn, name="size", minimum=1, what=odd) % 2 == 0:
+        raise ValueError(f"{fn}: size={size!r} must be {odd}")
     for name, value in (("alpha", alpha), ("beta", beta), ("k", k)):
-        _check_real(value, fn, name)
+        check_real(value, fn=fn, name=name)
     check_choice(region, LRN_REGIONS, fn=fn, name="region")
     if x.ndim < 1:
         raise ValueError(f"{fn}: x must have a channel axis, got shape {x.shape}")
@@ -73,7 +89,15 @@ def lrn(x, *, size=5, alpha=1.0, beta=0.75, k=1.0, region="across_channels"):
     return _lrn(x, size=size, alpha=alpha, beta=beta, k=k, region=region)
 
 
-def batch_norm(x, state, *, train, momentum=0.999, eps=1e-5, axis_name=None):
+def batch_norm(
+    x: ArrayLike,
+    state: dict[str, Array],
+    *,
+    train: bool,
+    momentum: float = 0.999,
+    eps: float = 1e-5,
+    axis_name: str | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """Caffe's BatchNorm (§5), without the affine part (see ``layers.BatchNorm``).
 
     Args:
@@ -105,33 +129,23 @@ def batch_norm(x, state, *, train, momentum=0.999, eps=1e-5, axis_name=None):
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must be (N, ..., C) with at least 2 axes, got shape {x.shape}")
-    if not isinstance(train, bool | np.bool_):
-        raise TypeError(f"{fn}: train={train!r} must be a Python bool")
-    _check_real(momentum, fn, "momentum")
-    if not 0 <= momentum <= 1:
+    check_bool(train, fn=fn, name="train", what="a Python bool")
+    if not 0 <= check_real(momentum, fn=fn, name="momentum") <= 1:
         raise ValueError(f"{fn}: momentum={momentum!r} must be in [0, 1]")
-    _check_real(eps, fn, "eps")
-    if eps < 0:
-        raise ValueError(f"{fn}: eps={eps!r} must be >= 0")
+    check_real(eps, fn=fn, name="eps", minimum=0)
     _check_state(state, x.shape[-1], fn)
     if train:
         return _batch_norm_train(x, state, momentum=momentum, eps=eps, axis_name=axis_name)
     return _batch_norm_eval(x, state, eps=eps), state
 
 
-def batch_norm_state(num_channels, dtype=jnp.float32):
+def batch_norm_state(num_channels: int, dtype: DTypeLike = jnp.float32) -> dict[str, Array]:
     """A fresh batch norm state for ``num_channels`` channels: Caffe's three blobs, all zero.
 
     Returns:
       ``{"mean_acc": (C,), "var_acc": (C,), "scale_factor": (1,)}`` of ``dtype``.
     """
-    if (
-        not isinstance(num_channels, int | np.integer)
-        or isinstance(num_channels, bool)
-        or num_channels < 1
-    ):
-        raise ValueError(f"batch_norm_state: num_channels={num_channels!r} must be a positive int")
-    c = int(num_channels)
+    c = check_positive_int(num_channels, fn="batch_norm_state", name="num_channels")
     return {
         "mean_acc": jnp.zeros((c,), dtype),
         "var_acc": jnp.zeros((c,), dtype),
@@ -142,17 +156,13 @@ def batch_norm_state(num_channels, dtype=jnp.float32):
 # ----------------------------------------------------------------------------- internals
 
 
-def _acc_dtype(dtype):
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
 # The kernels are jitted with their static configuration, so that eager calls compile one
 # program per configuration instead of one per operation.
 
 
 @functools.partial(jax.jit, static_argnames=("size", "alpha", "beta", "k", "region"))
 def _lrn(x, *, size, alpha, beta, k, region):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa = x.astype(acc)
     sq = xa * xa
     half = size // 2
@@ -165,7 +175,7 @@ def _lrn(x, *, size, alpha, beta, k, region):
 
 @functools.partial(jax.jit, static_argnames=("momentum", "eps", "axis_name"))
 def _batch_norm_train(x, state, *, momentum, eps, axis_name):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa = x.astype(acc)
     bshape = (1,) * (x.ndim - 1) + (x.shape[-1],)
     axes = tuple(range(x.ndim - 1))
@@ -182,7 +192,7 @@ def _batch_norm_train(x, state, *, momentum, eps, axis_name):
 
 @functools.partial(jax.jit, static_argnames=("eps",))
 def _batch_norm_eval(x, state, *, eps):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     bshape = (1,) * (x.ndim - 1) + (x.shape[-1],)
     s = state["scale_factor"].astype(acc)
     f = jnp.where(s == 0, jnp.zeros_like(s), 1 / jnp.where(s == 0, jnp.ones_like(s), s))
@@ -190,11 +200,6 @@ def _batch_norm_eval(x, state, *, eps):
     var = f * state["var_acc"].astype(acc)
     y = (x.astype(acc) - mean.reshape(bshape)) / jnp.sqrt(var + eps).reshape(bshape)
     return y.astype(x.dtype)
-
-
-def _check_real(value, fn, name):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{fn}: {name}={value!r} must be a real number")
 
 
 def _check_state(state, c, fn):

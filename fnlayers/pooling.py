@@ -30,7 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fnlayers._checks import as_pair, check_choice, check_float_array, check_rank
+from fnlayers._checks import (
+    acc_dtype,
+    as_pair,
+    check_bool,
+    check_choice,
+    check_float_array,
+    check_key,
+    check_rank,
+)
+from fnlayers._typing import Array, ArrayLike, IntPair, Shape
 from fnlayers.conv import _per_example
 from fnlayers.conv import im2col_p as _im2col_p
 
@@ -48,7 +57,14 @@ __all__ = [
 ROUNDINGS = ("ceil", "floor")
 
 
-def max_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
+def max_pool(
+    x: ArrayLike,
+    window: IntPair,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    rounding: str = "ceil",
+) -> Array:
     """Caffe's MAX pooling (§3), NHWC.
 
     Args:
@@ -72,7 +88,14 @@ def max_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
     return _per_example(_max_pool, x, **cfg)
 
 
-def avg_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
+def avg_pool(
+    x: ArrayLike,
+    window: IntPair,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    rounding: str = "ceil",
+) -> Array:
     """Caffe's AVE pooling (§3), NHWC.
 
     Args:
@@ -92,7 +115,14 @@ def avg_pool(x, window, *, stride=1, padding=0, rounding="ceil"):
     return _per_example(_avg_pool, x, **cfg)
 
 
-def stochastic_pool(x, window, *, stride=1, key=None, train=False):
+def stochastic_pool(
+    x: ArrayLike,
+    window: IntPair,
+    *,
+    stride: IntPair = 1,
+    key: Array | None = None,
+    train: bool = False,
+) -> Array:
     """Caffe's STOCHASTIC pooling (§3), NHWC, on every backend (Caffe has it on GPU only).
 
     There is no padding (Caffe forbids it); the output size is the ceil-mode rule with the
@@ -126,34 +156,30 @@ def stochastic_pool(x, window, *, stride=1, key=None, train=False):
       ValueError: ``train=True`` without a key (the message says how to pass one).
     """
     fn = "stochastic_pool"
-    _check_train(train, fn)
+    check_bool(train, fn=fn, name="train", what="a Python bool")
     x, window, stride, _, out_hw = _prepare(x, window, stride, 0, "ceil", fn)
-    if train and key is None:
-        raise ValueError(
-            f"{fn}: train=True draws random numbers, so it needs a PRNG key: pass "
-            "key=jax.random.key(seed) (and split a fresh one for every step, e.g. "
-            "key, step_key = jax.random.split(key))"
-        )
+    if train:
+        check_key(key, fn=fn)
     cfg = dict(window=window, stride=stride, out_hw=out_hw)
     if not train:
         return _stochastic_test(x, **cfg)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     # u in float32 on (0, 1], as curand's uniform: a zero-valued element is never picked. Drawn
     # outside the kernel, so that differentiating the kernel never recompiles the generator.
     u = 1 - jax.random.uniform(key, (x.shape[0], *out_hw, x.shape[3])).astype(acc)
     return _stochastic_train(x, u, **cfg)
 
 
-def global_avg_pool(x):
+def global_avg_pool(x: ArrayLike) -> Array:
     """Caffe's AVE pooling with ``global_pooling: true`` (§3): ``(N, H, W, C) -> (N, 1, 1, C)``,
     the mean over H and W (divisor ``H*W``, accumulated in float32 for lower precisions)."""
     fn = "global_avg_pool"
     x = _check_x(x, fn)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return jnp.mean(x.astype(acc), axis=(1, 2), keepdims=True).astype(x.dtype)
 
 
-def global_max_pool(x):
+def global_max_pool(x: ArrayLike) -> Array:
     """Caffe's MAX pooling with ``global_pooling: true`` (§3): ``(N, H, W, C) -> (N, 1, 1, C)``.
 
     The gradient goes to the first maximum of each channel plane in row-major order, as in
@@ -162,7 +188,15 @@ def global_max_pool(x):
     return _global_max_pool(_check_x(x, "global_max_pool"))
 
 
-def pool_output_size(image_size, window, stride=1, padding=0, rounding="ceil", *, fn="pool"):
+def pool_output_size(
+    image_size: IntPair,
+    window: IntPair,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    rounding: str = "ceil",
+    *,
+    fn: str = "pool",
+) -> tuple[int, int]:
     """Caffe's pooling output size ``(OH, OW)`` for an ``(H, W)`` image (§3).
 
     ``out = ceil((in + 2*pad - window) / stride) + 1`` (``floor`` for ``rounding="floor"``),
@@ -192,7 +226,15 @@ def pool_output_size(image_size, window, stride=1, padding=0, rounding="ceil", *
     return tuple(out)
 
 
-def pool_output_shape(x_shape, window, *, stride=1, padding=0, rounding="ceil", fn="pool"):
+def pool_output_shape(
+    x_shape: Shape,
+    window: IntPair,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    rounding: str = "ceil",
+    fn: str = "pool",
+) -> tuple[int, ...]:
     """Output shape of :func:`max_pool` / :func:`avg_pool` from shapes alone; validates them.
 
     Args:
@@ -225,20 +267,11 @@ def _check_x(x, fn):
     return x
 
 
-def _check_train(train, fn):
-    if not isinstance(train, bool | np.bool_):
-        raise TypeError(f"{fn}: train={train!r} must be a Python bool")
-
-
 def _prepare(x, window, stride, padding, rounding, fn):
     x = _check_x(x, fn)
     out_hw = pool_output_size(x.shape[1:3], window, stride, padding, rounding, fn=fn)
     window, stride, padding = _pairs(window, stride, padding, fn)
     return x, window, stride, padding, out_hw
-
-
-def _acc_dtype(dtype):
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
 # Each kernel is jitted with its static configuration, so that eager calls compile one program
@@ -272,9 +305,8 @@ def _max_pool_jvp(window, stride, padding, out_hw, primals, tangents):
     y, first = _first_max(pieces), _first_max_index(pieces)
     # `first % (KH*KW)` is `first` (0 <= first < KH*KW), but XLA:CPU counts an integer remainder
     # as expensive and will not fuse it into a consumer that reads its elements repeatedly: the
-    # index is computed once, in a kernel of its own. Without it XLA re-evaluated the select
-    # chain for every tap inside the backward's col2im kernel (AlexNet pool1's backward 45 ->
-    # 8 ms, the AlexNet step 745-767 -> 665-683 ms; docs/performance.md, session 5).
+    # index is computed once, in a kernel of its own. Without it XLA re-evaluates the select
+    # chain for every tap inside the backward's col2im kernel.
     first = lax.rem(first, jnp.asarray(window[0] * window[1], first.dtype))
     cols = _window_columns(t, window, stride, padding, out_hw)
     taps = lax.broadcasted_iota(first.dtype, (1, 1, 1, window[0] * window[1], 1), 3)
@@ -284,7 +316,7 @@ def _max_pool_jvp(window, stride, padding, out_hw, primals, tangents):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
 def _avg_pool_core(x, window, stride, padding, out_hw):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     total = _sum(_window_slices(x.astype(acc), window, stride, padding, out_hw, 0.0))
     divisor = _ave_divisor_array(x.shape[1:3], window, stride, padding, out_hw, acc)
     return (total / divisor).astype(x.dtype)
@@ -295,7 +327,7 @@ def _avg_pool_jvp(window, stride, padding, out_hw, primals, tangents):
     """AVE pooling is linear: its tangent is itself, written as ``sum_k im2col(t)[k] / pool_size``
     so that reverse mode gets ``col2im`` of the scaled cotangent."""
     (x,), (t,) = primals, tangents
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     divisor = _ave_divisor_array(x.shape[1:3], window, stride, padding, out_hw, acc)
     cols = _window_columns(t.astype(acc), window, stride, padding, out_hw)
     dy = (jnp.sum(cols, axis=3) / divisor).astype(x.dtype)
@@ -330,7 +362,7 @@ def _window_columns(t, window, stride, padding, out_hw):
 
 @_stochastic_kernel
 def _stochastic_test(x, *, window, stride, out_hw):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     pieces = _window_slices(x.astype(acc), window, stride, (0, 0), out_hw, 0.0)
     total = _sum(pieces)
     positive = total > 0
@@ -341,7 +373,7 @@ def _stochastic_test(x, *, window, stride, out_hw):
 
 @_stochastic_kernel
 def _stochastic_train(x, u, *, window, stride, out_hw):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     # Overhanging positions hold 0: they add nothing to the sums, and since every window
     # starts inside the image, the walk below reaches its threshold on an in-image element.
     pieces = _window_slices(x.astype(acc), window, stride, (0, 0), out_hw, 0.0)

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from fnlayers._checks import check_int, check_real, is_int
+from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["Schedule", "exp", "fixed", "inv", "multistep", "poly", "sigmoid", "step"]
 
@@ -53,7 +55,7 @@ class Schedule:
     hyperparams: tuple[tuple[str, object], ...]
     fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False, compare=False)
 
-    def __call__(self, iteration) -> jax.Array:
+    def __call__(self, iteration: ArrayLike) -> Array:
         return self.fn(_iteration(iteration, self.policy))
 
     def __repr__(self) -> str:
@@ -61,7 +63,7 @@ class Schedule:
         return f"schedules.{self.policy}({args})"
 
 
-def fixed(base_lr) -> Schedule:
+def fixed(base_lr: float) -> Schedule:
     """``lr(it) = base_lr``."""
     base = _real(base_lr, "fixed", "base_lr", minimum=0.0)
     return Schedule(
@@ -69,7 +71,7 @@ def fixed(base_lr) -> Schedule:
     )
 
 
-def step(base_lr, gamma, stepsize) -> Schedule:
+def step(base_lr: float, gamma: float, stepsize: int) -> Schedule:
     """``lr(it) = base_lr * gamma ** floor(it / stepsize)``: multiply by ``gamma`` every
     ``stepsize`` iterations.
 
@@ -89,7 +91,7 @@ def step(base_lr, gamma, stepsize) -> Schedule:
     )
 
 
-def exp(base_lr, gamma) -> Schedule:
+def exp(base_lr: float, gamma: float) -> Schedule:
     """``lr(it) = base_lr * gamma ** it``; ``base_lr >= 0``, ``gamma >= 0``."""
     fn = "exp"
     base = _real(base_lr, fn, "base_lr", minimum=0.0)
@@ -97,7 +99,7 @@ def exp(base_lr, gamma) -> Schedule:
     return Schedule(fn, (("base_lr", base_lr), ("gamma", gamma)), lambda it: base * _pow(g, it))
 
 
-def inv(base_lr, gamma, power) -> Schedule:
+def inv(base_lr: float, gamma: float, power: float) -> Schedule:
     """``lr(it) = base_lr * (1 + gamma * it) ** (-power)`` (Caffe's LeNet recipe:
     ``inv(0.01, gamma=1e-4, power=0.75)``); ``base_lr >= 0``, ``gamma >= 0``, ``power`` finite.
     """
@@ -112,7 +114,7 @@ def inv(base_lr, gamma, power) -> Schedule:
     )
 
 
-def multistep(base_lr, gamma, stepvalues) -> Schedule:
+def multistep(base_lr: float, gamma: float, stepvalues: Sequence[int]) -> Schedule:
     """``lr(it) = base_lr * gamma ** n(it)`` with ``n(it)`` the number of ``stepvalues <= it``.
 
     Caffe keeps ``current_step_`` as solver state and raises it by at most one per call, when
@@ -142,7 +144,7 @@ def multistep(base_lr, gamma, stepvalues) -> Schedule:
     return Schedule(fn, (("base_lr", base_lr), ("gamma", gamma), ("stepvalues", tuple(values))), lr)
 
 
-def poly(base_lr, power, max_iter) -> Schedule:
+def poly(base_lr: float, power: float, max_iter: int) -> Schedule:
     """``lr(it) = base_lr * (1 - it / max_iter) ** power``, reaching 0 at ``max_iter``.
 
     Caffe's solver stops at ``max_iter`` and never evaluates later iterations (the formula
@@ -169,7 +171,7 @@ def poly(base_lr, power, max_iter) -> Schedule:
     return Schedule(fn, (("base_lr", base_lr), ("power", power), ("max_iter", max_iter)), lr)
 
 
-def sigmoid(base_lr, gamma, stepsize) -> Schedule:
+def sigmoid(base_lr: float, gamma: float, stepsize: int) -> Schedule:
     """``lr(it) = base_lr / (1 + exp(-gamma * (it - stepsize)))``: a ramp up that is centred on
     ``stepsize`` (half of ``base_lr`` there).
 
@@ -216,23 +218,12 @@ def _iteration(iteration, policy):
 
 
 def _real(value, fn, name, minimum=None) -> np.float32:
-    if not isinstance(value, int | float | np.integer | np.floating) or isinstance(
-        value, bool | np.bool_
-    ):
-        raise TypeError(f"schedules.{fn}: {name}={value!r} must be a real number")
-    if not math.isfinite(value):
-        raise ValueError(f"schedules.{fn}: {name}={value!r} must be finite")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"schedules.{fn}: {name}={value!r} must be >= {minimum:g}")
-    return np.float32(value)
+    """A hyperparameter as Caffe's ``SolverParameter`` stores it: a float32."""
+    return np.float32(check_real(value, fn=f"schedules.{fn}", name=name, minimum=minimum))
 
 
 def _positive_int(value, fn, name) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_):
-        raise TypeError(f"schedules.{fn}: {name}={value!r} must be an int")
-    if value <= 0:
-        raise ValueError(f"schedules.{fn}: {name}={value!r} must be positive")
-    return int(value)
+    return check_int(value, fn=f"schedules.{fn}", name=name, minimum=1, what="positive")
 
 
 def _stepvalues(stepvalues, fn) -> list[int]:
@@ -240,7 +231,7 @@ def _stepvalues(stepvalues, fn) -> list[int]:
         raise TypeError(f"schedules.{fn}: stepvalues={stepvalues!r} must be a sequence of ints")
     values = list(stepvalues)
     for v in values:
-        if not isinstance(v, int | np.integer) or isinstance(v, bool | np.bool_):
+        if not is_int(v):
             raise TypeError(f"schedules.{fn}: stepvalues={stepvalues!r} must hold ints, got {v!r}")
         if v < 0:
             raise ValueError(f"schedules.{fn}: stepvalues={stepvalues!r} must be >= 0, got {v}")
