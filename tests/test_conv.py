@@ -1,6 +1,7 @@
 """conv2d, conv_transpose2d, im2col, col2im against CAFFE_SEMANTICS.md §1-§2."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -400,7 +401,8 @@ def test_output_shape_helpers_work_from_shapes_alone():
 # im2col/col2im pick a construction by geometry (space-to-depth when stride == kernel, width
 # phases for a width stride > 1, strided slices otherwise) and conv2d tiles the batch when the
 # column matrix is large; every path must give the same matrix and the same gradients.
-conv_module = __import__("importlib").import_module("fnlayers.conv")
+blocking = __import__("importlib").import_module("fnlayers.conv.blocking")
+primitives = __import__("importlib").import_module("fnlayers.conv.primitives")
 
 PATH_GEOMETRIES = [
     # (image, kernel, stride, pad, dilation)
@@ -475,13 +477,11 @@ def tiny_blocks(request, monkeypatch):
     output row ("rows": row windows folded into the batch) or one example ("examples")."""
 
     def tile(x_shape, w_shape, itemsize, **cfg):
-        monkeypatch.setattr(conv_module, "_tile_for_cache", lambda: True)  # on any backend
-        monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 0)
+        monkeypatch.setattr(blocking, "_tile_for_cache", lambda: True)  # on any backend
+        monkeypatch.setattr(blocking, "_TILE_ABOVE_BYTES", 0)
         _, oh, ow, _ = fl.conv_output_shape(x_shape, w_shape, **cfg)
         row = ow * w_shape[0] * w_shape[1] * x_shape[3] * itemsize
-        monkeypatch.setattr(
-            conv_module, "_BLOCK_BYTES", row * (1 if request.param == "rows" else oh)
-        )
+        monkeypatch.setattr(blocking, "_BLOCK_BYTES", row * (1 if request.param == "rows" else oh))
 
     return tile
 
@@ -529,10 +529,10 @@ def test_conv2d_tiled_backward_is_two_dots_and_col2im(rng, tiny_blocks):
 
 
 def test_tiling_choice(monkeypatch):
-    monkeypatch.setattr(conv_module, "_tile_for_cache", lambda: True)
-    monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 100)
-    monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 40)
-    tiling = conv_module._tiling
+    monkeypatch.setattr(blocking, "_tile_for_cache", lambda: True)
+    monkeypatch.setattr(blocking, "_TILE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(blocking, "_BLOCK_BYTES", 40)
+    tiling = blocking._tiling
     assert tiling(2, 5, 10) == (5, 2)  # 100 bytes in all: not tiled
     assert tiling(16, 4, 2) == (4, 4)  # whole examples (8 bytes): 5 fit, 4 divides 16
     assert tiling(8, 4, 5) == (4, 2)  # 20 bytes per example, 2 per block
@@ -542,12 +542,116 @@ def test_tiling_choice(monkeypatch):
 
 
 def test_tiling_is_for_the_cpu_backend_only(monkeypatch):
-    monkeypatch.setattr(conv_module, "_TILE_ABOVE_BYTES", 100)
-    monkeypatch.setattr(conv_module, "_BLOCK_BYTES", 40)
+    monkeypatch.setattr(blocking, "_TILE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(blocking, "_BLOCK_BYTES", 40)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert conv_module._tiling(8, 6, 10) == (3, 1)
+    assert blocking._tiling(8, 6, 10) == (3, 1)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert conv_module._tiling(8, 6, 10) == (6, 8)  # accelerators: one block, no scan
+    assert blocking._tiling(8, 6, 10) == (6, 8)  # accelerators: one block, no scan
+
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def _blocks_in_jaxpr(f, *args):
+    """``(scan length, column matrix per block as (G, M, K/G))`` of the convolution in the jaxpr
+    of ``f``, or ``(1, None)`` when it runs without a scan."""
+    jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+    scans = [e for e in _eqns(jaxpr) if e.primitive.name == "scan"]
+    if not scans:
+        return 1, None
+    (scan,) = scans
+    body = scan.params["jaxpr"].jaxpr
+    (cols,) = [e for e in _eqns(body) if e.primitive.name == "fnlayers_im2col"]
+    return scan.params["length"], cols.outvars[0].aval.shape
+
+
+def test_plan_blocks_is_what_conv2d_runs_for_alexnet_conv1(monkeypatch):
+    """AlexNet conv1 at the floor benchmark's batch: 121 taps on 3 channels build their columns
+    in two stages, in blocks of half the budget. The plan, the scan in conv2d's jaxpr and the
+    floor benchmark's block shapes agree: 10 blocks of 4 windows of 11 output rows (2420 rows of
+    363 columns), not 8 blocks of one whole example."""
+    from fnlayers.bench import conv as conv_bench
+    from fnlayers.bench import floor
+
+    (case,) = [c for c in conv_bench.CASES if c.name == "alexnet_conv1"]
+    x = jax.ShapeDtypeStruct((case.n, case.h, case.w, case.c_in), jnp.float32)
+    w = jax.ShapeDtypeStruct((case.kernel, case.kernel, case.c_in, case.c_out), jnp.float32)
+    plan = blocking.plan_blocks(x.shape, case.kernel, stride=case.stride, dtype=x.dtype)
+    assert plan == blocking.BlockPlan(
+        tiled=True,
+        rows=11,
+        per_block=4,
+        blocks=10,
+        cols_shape=(1, 2420, 363),
+        two_stage=True,
+        block_bytes=blocking._BLOCK_BYTES // 2,
+    )
+    conv = lambda x, w: fl.conv2d(x, w, stride=case.stride)
+    length, cols = _blocks_in_jaxpr(conv, x, w)
+    assert length == plan.blocks
+    assert cols == (plan.per_block, plan.rows, 55, 363)
+    # Lowered, each block's im2col takes the two-stage build, on windows of 11 output rows: the
+    # (11 - 1)*4 + 11 = 51 input rows they read.
+    calls = []
+    width_taps = primitives._width_taps
+    monkeypatch.setattr(primitives, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))
+    jax.jit(conv).lower(x, w)
+    assert [a[0].shape for a in calls] == [(plan.per_block, 51, case.w, case.c_in)]
+    assert floor.block_shapes(case) == {"m": 2420, "k": 363, "o": 96, "groups": 1, "blocks": 10}
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, cfg, block_bytes",
+    [
+        ((6, 8, 8, 3), (3, 3, 3, 4), dict(padding=1), 2 * 8 * 8 * 27 * 4),  # 2 examples
+        ((6, 8, 8, 3), (3, 3, 3, 4), dict(padding=1), 8 * 8 * 27 * 4),  # 1 example
+        ((4, 5, 5, 3), (3, 3, 3, 4), dict(padding=1), 2 * 5 * 27 * 4),  # 2 one-row windows
+        ((4, 6, 6, 4), (3, 3, 2, 6), dict(padding=1, groups=2), 2 * 6 * 6 * 36 * 4),  # groups
+        ((4, 9, 9, 4), (3, 3, 2, 6), dict(stride=2, groups=2), 2 * 4 * 36 * 4),  # rows, groups
+        ((4, 12, 12, 1), (5, 5, 1, 2), dict(padding=2), 2 * 12 * 25 * 4),  # two-stage rows
+        ((4, 6, 6, 8), (1, 1, 8, 3), {}, 1),  # 1x1: never tiled
+        ((4, 6, 6, 8), (3, 3, 8, 3), {}, 1 << 30),  # one block: not tiled
+    ],
+)
+def test_plan_blocks_matches_the_scan_of_conv2d(monkeypatch, x_shape, w_shape, cfg, block_bytes):
+    monkeypatch.setattr(blocking, "_tile_for_cache", lambda: True)
+    monkeypatch.setattr(blocking, "_TILE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(blocking, "_BLOCK_BYTES", block_bytes)
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+    plan = blocking.plan_blocks(x_shape, w_shape[:2], dtype=x.dtype, **cfg)
+    length, cols = _blocks_in_jaxpr(lambda x, w: fl.conv2d(x, w, **cfg), x, w)
+    assert length == plan.blocks and plan.tiled == (cols is not None)
+    if cols is not None:
+        groups = plan.cols_shape[0]
+        assert (groups, math.prod(cols[:3]) // groups, cols[3]) == plan.cols_shape
+
+
+def test_planner_budgets_assigned_on_the_package_reach_the_planner(monkeypatch):
+    monkeypatch.setattr(fl.conv, "_TILE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(fl.conv, "_BLOCK_BYTES", 8 * 8 * 27 * 4)  # one example per block
+    monkeypatch.setattr(fl.conv, "_tile_for_cache", lambda: True)
+    assert (blocking._TILE_ABOVE_BYTES, blocking._BLOCK_BYTES) == (0, 8 * 8 * 27 * 4)
+    assert fl.conv._BLOCK_BYTES == 8 * 8 * 27 * 4
+    assert blocking.plan_blocks((4, 8, 8, 3), 3, padding=1).blocks == 4
+
+
+def test_plan_blocks_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"plan_blocks: x_shape must have rank 4"):
+        blocking.plan_blocks((8, 8, 3), 3)
+    with pytest.raises(ValueError, match="plan_blocks: groups=0 must be a positive int"):
+        blocking.plan_blocks((1, 8, 8, 3), 3, groups=0)
+    with pytest.raises(TypeError, match="plan_blocks: kernel=2.0 must be an int or a pair"):
+        blocking.plan_blocks((1, 8, 8, 3), 2.0)
 
 
 @pytest.mark.parametrize(
@@ -561,8 +665,8 @@ def test_tiling_is_for_the_cpu_backend_only(monkeypatch):
 )
 def test_two_stage_im2col_matches_xla(rng, monkeypatch, kernel, stride, padding, dilation):
     calls = []
-    width_taps = conv_module._width_taps
-    monkeypatch.setattr(conv_module, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))
+    width_taps = primitives._width_taps
+    monkeypatch.setattr(primitives, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))
     x = rng.standard_normal((2, 23, 26, 1))  # one channel: the two-stage path
     wt = rng.standard_normal((*pair(kernel), 1, 3))
     cfg = dict(stride=stride, padding=padding, dilation=dilation)
@@ -583,9 +687,9 @@ def test_two_stage_im2col_matches_xla(rng, monkeypatch, kernel, stride, padding,
 def _one_stage_im2col(monkeypatch, x, kernel, *, stride, padding, dilation):
     """The concatenation of KH*KW slices (called directly: the primitive's jit cache would
     return the two-stage program compiled for the same shapes)."""
-    monkeypatch.setattr(conv_module, "_TWO_STAGE_MIN_TAPS", 10**9)
+    monkeypatch.setattr(blocking, "_TWO_STAGE_MIN_TAPS", 10**9)
     params = dict(kernel=pair(kernel), stride=pair(stride), padding=pair(padding))
-    return conv_module._im2col_impl(x, dilation=pair(dilation), image=x.shape[1:3], **params)
+    return primitives._im2col_impl(x, dilation=pair(dilation), image=x.shape[1:3], **params)
 
 
 # Geometries of the stacked construction (8 float64 channels: 64-byte pieces, past the two-stage
@@ -636,11 +740,11 @@ def test_isolated_col2im_matches(rng, kernel, stride, padding, dilation):
     params = dict(
         kernel=pair(kernel), stride=pair(stride), padding=pair(padding), dilation=pair(dilation)
     )
-    oh, ow = conv_module.conv_output_size(image, kernel, stride, padding, dilation)
+    oh, ow = fl.conv.conv_output_size(image, kernel, stride, padding, dilation)
     kk = params["kernel"][0] * params["kernel"][1]
     cols = jnp.asarray(rng.standard_normal((2, oh, ow, kk * 3)), jnp.float32)
     with jax.default_device(jax.devices("cpu")[0]):
-        bind = functools.partial(conv_module.col2im_p.bind, cols, image=image, **params)
+        bind = functools.partial(primitives.col2im_p.bind, cols, image=image, **params)
         isolated, plain = bind(isolate_col2im=True), bind(isolate_col2im=False)
         np.testing.assert_array_equal(isolated, plain)
         public = fl.col2im(cols, image, kernel, stride=stride, padding=padding, dilation=dilation)

@@ -1,11 +1,11 @@
 """The matrix products alone: a floor under any im2col + GEMM convolution.
 
 For one conv case this times only the products that ``conv2d(impl="im2col")`` runs, at the
-block shapes it runs them (``fnlayers.conv``'s tiling), with no columns built: the forward
-product ``cols · W`` and, for forward+backward, also ``dYᵀ · cols`` and ``dY · Wᵀ``. Random
-operands of those shapes stand in for the real ones; the time of one block is multiplied by the
-number of blocks. The same products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where
-PyTorch is importable.
+block shapes it runs them (``fnlayers.conv.blocking.plan_blocks``, the plan the convolution
+itself follows), with no columns built: the forward product ``cols · W`` and, for
+forward+backward, also ``dYᵀ · cols`` and ``dY · Wᵀ``. Random operands of those shapes stand in
+for the real ones; the time of one block is multiplied by the number of blocks. The same
+products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where PyTorch is importable.
 
 If these products alone take longer than PyTorch's whole layer, no column construction can make
 im2col + GEMM match it on that machine: the products are the part of the method that is left
@@ -14,34 +14,35 @@ when the columns cost nothing.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
 import numpy as np
 
-from fnlayers import conv as _conv
 from fnlayers.bench._harness import time_callable, time_jax, torch_device, torch_sync
+from fnlayers.conv.blocking import plan_blocks
+
+if TYPE_CHECKING:
+    from fnlayers.bench._harness import Timing
+    from fnlayers.bench.conv import ConvCase
 
 __all__ = ["block_shapes", "time_products_jax", "time_products_torch"]
 
 
-def block_shapes(case) -> dict:
+def block_shapes(case: ConvCase) -> dict[str, int]:
     """``{"m", "k", "o", "groups", "blocks"}``: each block's column rows ``m``, the product's
-    depth ``k`` and outputs ``o`` per group, and how many blocks one call runs."""
-    oh, ow = case.out_hw
-    k = case.kernel * case.kernel * case.c_in  # all groups' columns
-    row_bytes = ow * k * 4
-    o_g = case.c_out // case.groups
-    if _conv._is_1x1((case.kernel,) * 2, (case.stride,) * 2, (case.padding,) * 2):
-        rows, b = oh, case.n
-    else:
-        rows, b = _conv._tiling(case.n, oh, row_bytes)
-    windows = case.n * (oh // rows)
-    return {
-        "m": b * rows * ow,
-        "k": k // case.groups,
-        "o": o_g,
-        "groups": case.groups,
-        "blocks": windows // b,
-    }
+    depth ``k`` and outputs ``o`` per group, and how many blocks one call runs (float32)."""
+    plan = plan_blocks(
+        (case.n, case.h, case.w, case.c_in),
+        case.kernel,
+        stride=case.stride,
+        padding=case.padding,
+        groups=case.groups,
+        dtype=np.float32,
+    )
+    groups, m, k = plan.cols_shape
+    return {"m": m, "k": k, "o": case.c_out // groups, "groups": groups, "blocks": plan.blocks}
 
 
 def _operands(shape, mode, seed=0):
@@ -53,7 +54,9 @@ def _operands(shape, mode, seed=0):
     return (cols, w) if mode == "fwd" else (cols, w, dy)
 
 
-def time_products_jax(case, mode, *, reps, min_time_s):
+def time_products_jax(
+    case: ConvCase, mode: str, *, reps: int, min_time_s: float
+) -> tuple[Timing, dict[str, int]]:
     """``Timing`` of one call's products with ``jnp`` (batched over groups) on JAX's device."""
     shape = block_shapes(case)
     ops = [jnp.asarray(a) for a in _operands(shape, mode)]
@@ -70,7 +73,9 @@ def time_products_jax(case, mode, *, reps, min_time_s):
     return _scaled(t, shape["blocks"]), shape
 
 
-def time_products_torch(torch, case, mode, *, reps, min_time_s, threads):
+def time_products_torch(
+    torch: ModuleType, case: ConvCase, mode: str, *, reps: int, min_time_s: float, threads: int
+) -> Timing:
     """The same products with ``torch.matmul`` (``threads`` threads on the CPU)."""
     shape = block_shapes(case)
     device = torch_device(torch)

@@ -1,0 +1,150 @@
+"""How ``conv2d(impl="im2col")`` blocks a convolution on the CPU: :func:`plan_blocks`.
+
+A layer's whole column matrix is tens to hundreds of MB; built in one piece it runs out of cache
+and, above glibc's mmap threshold, into freshly page-faulted memory on every call. Above
+``_TILE_ABOVE_BYTES`` of columns the convolution therefore runs over blocks of about
+``_BLOCK_BYTES`` of columns: blocks of the batch, and blocks of output rows when one example
+alone is larger. Below ``_TILE_ABOVE_BYTES`` the loop and the rebuilt columns cost more than they
+save. Both sizes were chosen by measurement on a 2-core x86 CPU with 2 MB of L2 per core
+(docs/performance.md). Two-stage column builds, which write their pieces and then copy them,
+take blocks of half the size: they ran faster in 4 MB blocks than in 8 MB, where the one-pass
+build gains from the larger block. On accelerators blocks would only serialise the work, so
+tiling is for the CPU backend alone.
+
+The convolution (``ops._conv_im2col``) and the floor benchmark (``fnlayers.bench.floor``) both
+take their blocks from :func:`plan_blocks`, so the benchmark times the products at the shapes
+the convolution runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fnlayers._checks import as_pair, check_positive_int, check_rank
+from fnlayers._typing import DTypeLike, IntPair, Shape
+from fnlayers.conv.shapes import conv_output_size, pairs
+
+__all__ = ["BlockPlan", "plan_blocks"]
+
+_BLOCK_BYTES = 8 << 20
+_TILE_ABOVE_BYTES = 16 << 20
+
+# The two-stage im2col (primitives._im2col_two_stage): with many taps and narrow pieces, the
+# one-stage build copies KH*KW slices of a few bytes each; concatenating every input row's KW
+# taps first leaves KH slices of KW times wider pieces.
+_TWO_STAGE_MIN_TAPS = 16
+_TWO_STAGE_MAX_PIECE_BYTES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """How one convolution is computed: its blocks, and how each block builds its columns.
+
+    Attributes:
+      tiled: whether the convolution runs as a ``lax.scan`` over blocks (False: one block, the
+        whole batch).
+      rows: output rows per window: ``OH`` when a block holds whole examples, fewer when one
+        example's columns alone exceed the block budget.
+      per_block: windows per block: examples when ``rows == OH``, row windows otherwise.
+      blocks: blocks per call (``lax.scan``'s length; 1 when not tiled).
+      cols_shape: one block's column matrix as the products see it, ``(G, M, KH*KW*C_in/G)``:
+        ``M = per_block * rows * OW`` rows for each of the ``G`` groups (for a 1x1 convolution,
+        the image itself).
+      two_stage: whether ``im2col`` builds the columns in two stages.
+      block_bytes: the budget of one block's columns.
+    """
+
+    tiled: bool
+    rows: int
+    per_block: int
+    blocks: int
+    cols_shape: tuple[int, int, int]
+    two_stage: bool
+    block_bytes: int
+
+
+def plan_blocks(
+    x_shape: Shape,
+    kernel: IntPair,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    dtype: DTypeLike = jnp.float32,
+) -> BlockPlan:
+    """The blocks of ``conv2d(x, w, impl="im2col", ...)`` for ``x`` of shape ``x_shape`` (NHWC)
+    and dtype ``dtype`` and a ``kernel = w.shape[:2]``, traced now (on the CPU backend outside
+    a partitioned step: :func:`_tile_for_cache`)."""
+    fn = "plan_blocks"
+    check_rank(x_shape, 4, fn=fn, name="x_shape", layout="NHWC")
+    kernel = as_pair(kernel, fn=fn, name="kernel", minimum=1)
+    stride, padding, dilation = pairs(stride, padding, dilation, fn)
+    groups = check_positive_int(groups, fn=fn, name="groups")
+    n, h, w, c = x_shape
+    oh, ow = conv_output_size((h, w), kernel, stride, padding, dilation, fn=fn)
+    itemsize = jnp.dtype(dtype).itemsize
+    taps = kernel[0] * kernel[1]
+    two_stage = not _space_to_depth(kernel, stride, dilation) and _two_stage(
+        kernel, stride, dilation, c // groups, itemsize
+    )
+    block_bytes = _BLOCK_BYTES // 2 if two_stage else _BLOCK_BYTES
+    rows, per_block = _tiling(n, oh, ow * taps * c * itemsize, block_bytes)
+    # A 1x1 convolution has no columns to keep in cache.
+    tiled = (rows, per_block) != (oh, n) and not _is_1x1(kernel, stride, padding)
+    if not tiled:
+        rows, per_block = oh, n
+    blocks = n * (oh // rows) // per_block
+    cols_shape = (groups, per_block * rows * ow, taps * c // groups)
+    return BlockPlan(tiled, rows, per_block, blocks, cols_shape, two_stage, block_bytes)
+
+
+def _tile_for_cache() -> bool:
+    """Whether convolutions traced now are tiled: on the CPU backend, and not inside a step
+    partitioned over several devices (``jax.set_mesh``, as ``fit(mesh=...)`` traces it): a
+    ``scan`` over blocks of a sharded batch is not partitioned by XLA, which would gather the
+    whole batch onto every device and compute every block there. The body of a ``shard_map``
+    is no such step: over its manual axes each device runs it on its own shard, which is
+    tiled as on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    partitioned = math.prod(n for a, n in mesh.shape.items() if a not in mesh.manual_axes)
+    return jax.default_backend() == "cpu" and partitioned <= 1
+
+
+def _tiling(n: int, oh: int, row_bytes: int, block_bytes: int | None = None) -> tuple[int, int]:
+    """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
+    ``oh`` output rows with ``row_bytes`` of columns each, in blocks of about ``block_bytes``
+    (default ``_BLOCK_BYTES``); ``(oh, n)`` means no tiling."""
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not _tile_for_cache():
+        return oh, n
+    block_bytes = _BLOCK_BYTES if block_bytes is None else block_bytes
+    rows = _largest_divisor(oh, block_bytes // row_bytes)
+    windows = n * (oh // rows)
+    return rows, _largest_divisor(windows, block_bytes // (rows * row_bytes))
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, cap)) + 1) if n % d == 0)
+
+
+def _two_stage(kernel, stride, dilation, channels, itemsize) -> bool:
+    """Whether im2col builds its columns in two stages: many taps, narrow pieces (a piece is
+    ``channels`` wide, ``stride`` taps of them when the width stride folds into phases)."""
+    fold = stride[1] if stride[1] > 1 and dilation[1] == 1 else 1
+    piece = fold * channels * itemsize  # bytes per one-stage piece
+    return kernel[0] * kernel[1] >= _TWO_STAGE_MIN_TAPS and piece < _TWO_STAGE_MAX_PIECE_BYTES
+
+
+def _space_to_depth(kernel, stride, dilation) -> bool:
+    """Non-overlapping windows: the columns are the image cut into tiles, one reshape."""
+    return stride == kernel and dilation == (1, 1)
+
+
+def _is_1x1(kernel, stride, padding) -> bool:
+    """Caffe's ``is_1x1``: the columns are the image itself."""
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
