@@ -1,4 +1,4 @@
-"""Activations (CAFFE_SEMANTICS.md §7), with Caffe's conventions for the gradient at 0.
+"""Activations (docs/caffe-semantics.md §7), with Caffe's conventions for the gradient at 0.
 
 All are elementwise except :func:`maxout`; all keep ``x.shape`` and ``x.dtype``. Channels are
 the last axis (NHWC).
@@ -90,7 +90,7 @@ def tanh(x: ArrayLike) -> Array:
 
 
 def maxout(x: ArrayLike, pieces: int) -> Array:
-    """Maxout (not in Caffe; DESIGN.md): ``(..., C) -> (..., C // pieces)``.
+    """Maxout (not in Caffe; docs/caffe-semantics.md §13): ``(..., C) -> (..., C // pieces)``.
 
     The channels are split as ``(C // pieces, pieces)`` (output channel j takes the maximum of
     input channels ``j*pieces .. j*pieces + pieces - 1``). As in max pooling, the maximum is

@@ -1,4 +1,4 @@
-"""Dropout (CAFFE_SEMANTICS.md §6), with explicit PRNG keys."""
+"""Dropout (docs/caffe-semantics.md §6), with explicit PRNG keys."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Initializers: Caffe's fillers (CAFFE_SEMANTICS.md §11), as ``init_fn(key, shape, dtype)``.
+"""Initializers: Caffe's fillers (docs/caffe-semantics.md §11), as ``init_fn(key, shape, dtype)``.
 
 Every constructor returns a function with the signature of ``jax.nn.initializers``, so the two
 kinds mix freely.

@@ -713,7 +713,7 @@ def _is_shape(s) -> bool:
 
 
 # ----------------------------------------------------------------------------- building blocks
-# Pooling, normalization, dropout and activations (CAFFE_SEMANTICS.md §3-§7). Every init works
+# Pooling, normalization, dropout and activations (docs/caffe-semantics.md §3-§7). Every init works
 # out the output shape from the input shape alone (the batch may be -1) and never runs the op.
 
 

@@ -1,4 +1,4 @@
-"""Fully connected layers: Caffe's InnerProduct (CAFFE_SEMANTICS.md §12) and flatten."""
+"""Fully connected layers: Caffe's InnerProduct (docs/caffe-semantics.md §12) and flatten."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Losses and accuracy with Caffe's semantics (CAFFE_SEMANTICS.md §8).
+"""Losses and accuracy with Caffe's semantics (docs/caffe-semantics.md §8).
 
 Every loss returns a scalar in the dtype of its floating input (computed in float32 when that
 input is float16/bfloat16; :func:`accuracy` returns float32) and is differentiable in its
@@ -21,8 +21,8 @@ Caffe leaves a label outside ``[0, K)`` undefined (it reads out of bounds). Here
 return NaN, so a training loop that checks for non-finite losses catches the bad batch; the
 gradient stays finite.
 
-Where fnlayers departs from Caffe (DESIGN.md): :func:`softmax_cross_entropy` works from
-log-softmax, so it reports the true loss for any finite logits instead of saturating at
+Where fnlayers departs from Caffe (docs/caffe-semantics.md §13): :func:`softmax_cross_entropy`
+works from log-softmax, so it reports the true loss for any finite logits instead of saturating at
 ``-ln(FLT_MIN) = 87.3365``; ``clamp=True`` reproduces Caffe's saturating value for comparison.
 """
 

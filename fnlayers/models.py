@@ -1,7 +1,7 @@
 """The model zoo: Caffe's reference networks, built from fnlayers layers.
 
-Each function reproduces a definition in Caffe's model zoo (the files in
-``shared/caffe-models/``): the same layer types, sizes, fillers and per-parameter
+Each function reproduces a definition in Caffe's model zoo (BVLC Caffe's ``examples/`` and
+``models/`` prototxt files): the same layer types, sizes, fillers and per-parameter
 ``lr_mult``/``decay_mult``, with Caffe's layer names as parameter keys (``conv1``, ``pool1``,
 ``ip1``, ...). Multipliers travel with the layers; :func:`fnlayers.layers.param_mults` turns
 them into the trees :func:`fnlayers.optim.sgd` takes.

@@ -1,4 +1,4 @@
-"""Normalization: Caffe's LRN (CAFFE_SEMANTICS.md §4) and BatchNorm (§5).
+"""Normalization: Caffe's LRN (docs/caffe-semantics.md §4) and BatchNorm (§5).
 
 Channels are the last axis (NHWC). Both ops keep ``x.dtype`` and compute in float32 for lower
 precisions.

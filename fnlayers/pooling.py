@@ -1,4 +1,4 @@
-"""Pooling: Caffe's MAX, AVE and STOCHASTIC pooling and global pooling (CAFFE_SEMANTICS.md §3).
+"""Pooling: Caffe's MAX, AVE and STOCHASTIC pooling and global pooling (docs/caffe-semantics.md §3).
 
 Layout NHWC: ``x`` is ``(N, H, W, C)`` and every op returns ``(N, OH, OW, C)`` in ``x.dtype``.
 ``window``, ``stride`` and ``padding`` take an int or an ``(h, w)`` pair.
@@ -10,7 +10,7 @@ Output size (§3, :func:`pool_output_size`)::
     if (OH - 1)*stride_h >= H + pad_h: OH -= 1              # the last window must start inside
 
 Caffe applies the last line only when the padding is non-zero; fnlayers applies it for every
-padding (DESIGN.md, Caffe issue 6881), so no window ever starts past the image.
+padding (docs/caffe-semantics.md §3, Caffe issue 6881), so no window ever starts past the image.
 
 Every window here is a set of strided slices of the (padded) input, one slice per kernel offset,
 so each op is plain slices and elementwise selects: max pooling never goes through
@@ -200,7 +200,8 @@ def pool_output_size(
     """Caffe's pooling output size ``(OH, OW)`` for an ``(H, W)`` image (§3).
 
     ``out = ceil((in + 2*pad - window) / stride) + 1`` (``floor`` for ``rounding="floor"``),
-    then ``out -= 1`` if ``(out - 1)*stride >= in + pad``, for every padding (DESIGN.md).
+    then ``out -= 1`` if ``(out - 1)*stride >= in + pad``, for every padding
+    (docs/caffe-semantics.md §3).
 
     Raises:
       ValueError: ``padding >= window`` (Caffe's ``CHECK_LT(pad, kernel)``), a window larger than

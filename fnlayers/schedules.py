@@ -1,4 +1,5 @@
-"""Caffe's seven learning-rate policies (CAFFE_SEMANTICS.md §10, ``SGDSolver::GetLearningRate``).
+"""Caffe's seven learning-rate policies (docs/caffe-semantics.md §10,
+``SGDSolver::GetLearningRate``).
 
 Each constructor takes ``base_lr`` and the policy's hyperparameters under Caffe's names and
 returns a :class:`Schedule`, a callable ``lr(iteration) -> float32 array``:

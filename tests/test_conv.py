@@ -1,4 +1,4 @@
-"""conv2d, conv_transpose2d, im2col, col2im against CAFFE_SEMANTICS.md §1-§2."""
+"""conv2d, conv_transpose2d, im2col, col2im against docs/caffe-semantics.md §1-§2."""
 
 import functools
 import math

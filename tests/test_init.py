@@ -1,4 +1,4 @@
-"""Initializers against Caffe's filler rules (CAFFE_SEMANTICS.md §11)."""
+"""Initializers against Caffe's filler rules (docs/caffe-semantics.md §11)."""
 
 import math
 

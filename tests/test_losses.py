@@ -1,4 +1,4 @@
-"""Losses and accuracy (CAFFE_SEMANTICS.md §8) against hand-worked values and numpy
+"""Losses and accuracy (docs/caffe-semantics.md §8) against hand-worked values and numpy
 transliterations of Caffe's Forward_cpu/Backward_cpu loops."""
 
 import math

@@ -1,5 +1,5 @@
 """The SGD solver against a numpy (float64) transliteration of Caffe's SGDSolver::ApplyUpdate
-(CAFFE_SEMANTICS.md §9) and hand-worked updates."""
+(docs/caffe-semantics.md §9) and hand-worked updates."""
 
 import jax
 import jax.numpy as jnp

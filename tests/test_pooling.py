@@ -1,4 +1,4 @@
-"""Pooling against hand-worked values, a numpy transliteration of CAFFE_SEMANTICS.md §3 and
+"""Pooling against hand-worked values, a numpy transliteration of docs/caffe-semantics.md §3 and
 lax.reduce_window."""
 
 import math
@@ -24,7 +24,7 @@ from fnlayers.pooling import (
 
 
 def caffe_size(i, k, s, p, rounding):
-    """§3 size rule, with DESIGN.md's clip applied for every padding."""
+    """§3 size rule, with the clip of docs/caffe-semantics.md §3 applied for every padding."""
     rnd = math.ceil if rounding == "ceil" else math.floor
     out = int(rnd(float(i + 2 * p - k) / s)) + 1
     if (out - 1) * s >= i + p:

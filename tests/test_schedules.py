@@ -1,4 +1,5 @@
-"""Caffe's learning-rate policies (CAFFE_SEMANTICS.md §10) against their formulas in float64."""
+"""Caffe's learning-rate policies (docs/caffe-semantics.md §10) against their formulas in
+float64."""
 
 import math
 

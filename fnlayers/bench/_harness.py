@@ -1,8 +1,9 @@
 """Timing, environment capture, JSON and table output shared by the benchmark suites.
 
-Rules every suite follows (DESIGN.md, "Performance principles"): compile time is measured apart
-from run time; each case is warmed up, then timed ``reps`` times with ``block_until_ready``; the
-median is the figure reported; ratios are only taken between cases measured in the same process.
+Rules every suite follows (docs/performance.md, "Reading the numbers"): compile time is
+measured apart from run time; each case is warmed up, then timed ``reps`` times with
+``block_until_ready``; the median is the figure reported; ratios are only taken between cases
+measured in the same process.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Convolution as im2col followed by one matrix product (CAFFE_SEMANTICS.md §1, §2).
+"""Convolution as im2col followed by one matrix product (docs/caffe-semantics.md §1, §2).
 
 Layouts: activations NHWC, weights HWIO ``(KH, KW, C_in // groups, C_out)``. The column matrix
 of :func:`im2col` is ``(N, OH, OW, KH*KW*C)`` with columns ordered ``(kh, kw, c)``, so for

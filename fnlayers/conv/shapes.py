@@ -1,5 +1,5 @@
-"""Caffe's shape rules for convolution and deconvolution (CAFFE_SEMANTICS.md §1, §2), from shapes
-alone, and the normalisation of the spatial arguments they share with the ops."""
+"""Caffe's shape rules for convolution and deconvolution (docs/caffe-semantics.md §1, §2),
+from shapes alone, and the normalisation of the spatial arguments they share with the ops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Caffe's ``iter_size``: gradients summed over micro-batches (CAFFE_SEMANTICS.md §9)."""
+"""Caffe's ``iter_size``: gradients summed over micro-batches (docs/caffe-semantics.md §9)."""
 
 from __future__ import annotations
 

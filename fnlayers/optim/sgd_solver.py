@@ -1,5 +1,5 @@
 """Caffe's SGD solver, written out: momentum, Nesterov, L2/L1 decay, lr_mult/decay_mult, clipping
-(CAFFE_SEMANTICS.md §9, ``solvers/sgd_solver.cpp``, ``nesterov_solver.cpp``).
+(docs/caffe-semantics.md §9, ``solvers/sgd_solver.cpp``, ``nesterov_solver.cpp``).
 
 Usage::
 
