@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fnlayers._checks import is_int
 from fnlayers._tree import path_str
 
 __all__ = ["FORMAT", "HEADER_KEY", "VERSION", "load", "load_metadata", "save"]
@@ -460,7 +461,7 @@ def _cast_like(value: np.ndarray, desc: dict, template, name: str, fn: str):
 
 
 def _dict_segment(k, keys: tuple[str, ...], fn: str) -> str:
-    if not (isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))):
+    if not (isinstance(k, str) or is_int(k)):
         raise TypeError(
             f"{fn}: dict key {k!r} under {_join(keys)!r} has type {type(k).__qualname__}; "
             "checkpoint dict keys must be str or int"

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from fnlayers import _plot
+from fnlayers._checks import check_real
 from fnlayers.layers import Layer, apply_leaves, walk
 
 __all__ = [
@@ -473,14 +473,14 @@ def report(
       ValueError: a threshold out of range; ``stats`` lacks ``"grad_norm"``.
     """
     _check_layer(model, "report")
-    vanish = _check_real(vanish_ratio, "report", "vanish_ratio")
+    vanish = check_real(vanish_ratio, fn="report", name="vanish_ratio")
     if not 0 < vanish < 1:
         raise ValueError(f"report: vanish_ratio={vanish_ratio!r} must be in (0, 1)")
-    explode = _check_real(explode_ratio, "report", "explode_ratio")
+    explode = check_real(explode_ratio, fn="report", name="explode_ratio")
     if not explode > 1:
         raise ValueError(f"report: explode_ratio={explode_ratio!r} must be > 1")
     if max_norm is not None:
-        max_norm = _check_real(max_norm, "report", "max_norm")
+        max_norm = check_real(max_norm, fn="report", name="max_norm")
         if not max_norm > 0:
             raise ValueError(f"report: max_norm={max_norm!r} must be > 0")
     if not isinstance(stats, Mapping) or "grad_norm" not in stats:
@@ -728,16 +728,10 @@ def _check_container(model, fn):
 
 
 def _check_saturation(saturation, fn) -> float:
-    value = _check_real(saturation, fn, "saturation")
+    value = check_real(saturation, fn=fn, name="saturation")
     if not 0 < value < 0.5:
         raise ValueError(f"{fn}: saturation={saturation!r} must be in (0, 0.5)")
     return value
-
-
-def _check_real(value, fn, name) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{fn}: {name}={value!r} must be a real number")
-    return float(value)
 
 
 def _next_layer(names, name):

@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fnlayers import _checks
 from fnlayers import activations as _act
 from fnlayers import conv as _conv
 from fnlayers import dropout as _dropout
@@ -58,7 +59,7 @@ from fnlayers import init as _init
 from fnlayers import linear as _linear
 from fnlayers import normalization as _norm
 from fnlayers import pooling as _pooling
-from fnlayers._checks import as_pair, check_choice
+from fnlayers._checks import as_pair, check_choice, check_positive_int, check_real, is_real
 from fnlayers._tree import path_str
 
 __all__ = [
@@ -322,11 +323,7 @@ def container_layer(kind: str, children, container: Container, *, name: str | No
 
 def missing_key_error(where: str) -> ValueError:
     """The error raised when ``train=True`` needs randomness and no ``key`` was passed."""
-    return ValueError(
-        f"{where}: train=True draws random numbers, so apply needs a PRNG key: pass "
-        "key=jax.random.key(seed) (and split a fresh one for every step, e.g. "
-        "key, step_key = jax.random.split(key))"
-    )
+    return _checks.missing_key_error(where, needs="apply")
 
 
 def _configured(constructor: Callable[..., Layer]) -> Callable[..., Layer]:
@@ -411,8 +408,7 @@ def shared(layer: Layer, num_inputs: int = 2, *, name: str | None = None) -> Lay
     so a Siamese pair ``shared(embed, 2)`` has exactly the parameters of ``embed``. State (batch
     norm statistics) is threaded through the branches in order. Each branch gets its own key.
     """
-    if not isinstance(num_inputs, int) or num_inputs < 1:
-        raise ValueError(f"shared: num_inputs={num_inputs!r} must be a positive int")
+    check_positive_int(num_inputs, fn="shared", name="num_inputs")
 
     def init(call, key, in_shape):
         shapes = _tuple_of_shapes(in_shape, num_inputs)
@@ -592,8 +588,7 @@ def Deconv2D(
     """
     kernel = as_pair(kernel_size, fn="Deconv2D", name="kernel_size", minimum=1)
     _check_num_output(num_output, "Deconv2D")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"Deconv2D: groups={groups!r} must be a positive int")
+    check_positive_int(groups, fn="Deconv2D", name="groups")
     if num_output % groups:
         raise ValueError(f"Deconv2D: groups={groups} does not divide num_output={num_output}")
     w_init = w_init or _init.xavier()
@@ -680,8 +675,7 @@ def _channels(in_shape, where) -> int:
 
 
 def _check_num_output(num_output, where):
-    if not isinstance(num_output, int) or isinstance(num_output, bool) or num_output < 1:
-        raise ValueError(f"{where}: num_output={num_output!r} must be a positive int")
+    check_positive_int(num_output, fn=where, name="num_output")
 
 
 def _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias):
@@ -823,10 +817,10 @@ def BatchNorm(
     and returns the state unchanged. ``axis_name`` averages the statistics over a
     ``pmap``/``shard_map`` axis.
     """
-    _check_real(momentum, "BatchNorm", "momentum")
+    check_real(momentum, fn="BatchNorm", name="momentum")
     if not 0 <= momentum <= 1:
         raise ValueError(f"BatchNorm: momentum={momentum!r} must be in [0, 1]")
-    _check_real(eps, "BatchNorm", "eps")
+    check_real(eps, fn="BatchNorm", name="eps")
     if eps < 0:
         raise ValueError(f"BatchNorm: eps={eps!r} must be >= 0")
     scale_init = scale_init or _init.constant(1.0)
@@ -868,7 +862,7 @@ def Dropout(rate: float = 0.5, *, name: str | None = None) -> Layer:
     """Caffe's Dropout layer: :func:`fnlayers.dropout`. ``rate`` is the **drop** probability
     (Caffe's ``dropout_ratio``, default 0.5); kept units are scaled by ``1/(1 - rate)`` at train
     time, identity at test time. Needs ``key`` when ``train=True``."""
-    _check_real(rate, "Dropout", "rate")
+    check_real(rate, fn="Dropout", name="rate")
     if not 0 <= rate < 1:
         raise ValueError(f"Dropout: rate={rate!r} is the drop probability and must be in [0, 1)")
 
@@ -938,8 +932,7 @@ def Tanh(*, name: str | None = None) -> Layer:
 @_configured
 def Maxout(pieces: int, *, name: str | None = None) -> Layer:
     """:func:`fnlayers.maxout` (not in Caffe): ``(..., C) -> (..., C // pieces)``."""
-    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
-        raise ValueError(f"Maxout: pieces={pieces!r} must be a positive int")
+    check_positive_int(pieces, fn="Maxout", name="pieces")
 
     def init(key, in_shape):
         c = int(in_shape[-1]) if len(in_shape) else None
@@ -978,11 +971,6 @@ def _global_pool_layer(op, where, kind, name) -> Layer:
     return Layer(init, apply, name=name, kind=kind)
 
 
-def _check_real(value, where, name):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{where}: {name}={value!r} must be a real number")
-
-
 def _elementwise(fn, kind, name) -> Layer:
     def init(key, in_shape):
         return tuple(in_shape), {}, {}
@@ -1000,9 +988,9 @@ def _mults(names, lr_mult, decay_mult, where) -> tuple[tuple[str, float, float],
 
 
 def _per_param(value, names, arg, where) -> tuple[float, ...]:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if is_real(value):
         values = (float(value),) * len(names)
-    elif isinstance(value, tuple | list) and all(isinstance(v, numbers.Real) for v in value):
+    elif isinstance(value, tuple | list) and all(is_real(v) for v in value):
         if len(value) != len(names):
             raise ValueError(
                 f"{where}: {arg}={tuple(value)!r} gives {len(value)} values for the "

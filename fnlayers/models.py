@@ -14,6 +14,7 @@ permutation; networks trained here are unaffected.
 from __future__ import annotations
 
 from fnlayers import init
+from fnlayers._checks import check_positive_int
 from fnlayers.layers import (
     LRN,
     AvgPool,
@@ -125,8 +126,7 @@ def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
     a grouped ``Deconv2D`` (kernel 8, stride 4, pad 2, one group per class) initialised with
     :func:`fnlayers.init.bilinear` and frozen (lr_mult 0), FCN's fixed bilinear upsampling.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"fcn_tiny: num_classes={num_classes!r} must be a positive int")
+    check_positive_int(num_classes, fn="fcn_tiny", name="num_classes")
     msra = dict(w_init=init.msra())
     return serial(
         Conv2D(width, 3, padding=1, name="conv1", lr_mult=_LR_W1_B2, **msra),

@@ -46,7 +46,7 @@ from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
 from fnlayers import distributed as _dist
 from fnlayers import optim as _optim
-from fnlayers._checks import check_choice
+from fnlayers._checks import check_choice, check_positive_int, is_int
 from fnlayers.layers import Layer, _abstract_init
 
 __all__ = [
@@ -157,8 +157,7 @@ def predict(
       numpy arrays.
     """
     n = _num_examples(x, (), "predict")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"predict: batch_size={batch_size!r} must be a positive int")
+    check_positive_int(batch_size, fn="predict", name="batch_size")
     dp = _data_parallel(mesh, data_axis, "predict")
     forward = _on_mesh(dp, lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
     if dp is not None:
@@ -629,7 +628,7 @@ class _Arrays:
 
     def __init__(self, x, y, batch_size, seed, augment, dp):
         n = _num_examples(x, y, "train_data")
-        if not isinstance(batch_size, int) or not 0 < batch_size <= n:
+        if not is_int(batch_size) or not 0 < batch_size <= n:
             raise ValueError(f"fit: batch_size={batch_size!r} must be an int in [1, {n}]")
         if dp is not None:
             dp.check_batch_size(batch_size, fn="fit")
@@ -763,13 +762,13 @@ def _run_length(iterations, epochs, steps_per_epoch):
             "without len(); pass iterations instead"
         )
     total = iterations if iterations is not None else epochs * steps_per_epoch
-    if not isinstance(total, int) or total < 1:
+    if not is_int(total) or total < 1:
         raise ValueError(f"fit: the run must have at least one iteration, got {total!r}")
     return total
 
 
 def _check_diagnostics_every(value):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"fit: diagnostics_every={value!r} must be None or an int >= 1")
 
 
