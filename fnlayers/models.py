@@ -4,7 +4,8 @@ Each function reproduces a definition in Caffe's model zoo (BVLC Caffe's ``examp
 ``models/`` prototxt files): the same layer types, sizes, fillers and per-parameter
 ``lr_mult``/``decay_mult``, with Caffe's layer names as parameter keys (``conv1``, ``pool1``,
 ``ip1``, ...). Multipliers travel with the layers; :func:`fnlayers.layers.param_mults` turns
-them into the trees :func:`fnlayers.optim.sgd` takes.
+them into the trees :func:`fnlayers.optim.sgd` takes. Every model takes ``impl=`` for its
+convolutions (``"im2col"``, the default, or ``"xla"``: ``lax.conv_general_dilated``).
 
 Inputs are NHWC. Caffe flattens ``(C, H, W)`` before an InnerProduct and fnlayers flattens
 ``(H, W, C)``, so importing Caffe InnerProduct weights that follow a convolution needs that
@@ -37,27 +38,27 @@ __all__ = ["alexnet", "cifar10_bn", "cifar10_quick", "fcn_tiny", "lenet", "siame
 _LR_W1_B2 = (1.0, 2.0)
 
 
-def lenet(num_classes: int = 10) -> Layer:
+def lenet(num_classes: int = 10, *, impl: str = "im2col") -> Layer:
     """Caffe's LeNet (``mnist/lenet_train_test.prototxt``), input ``(N, 28, 28, 1)``.
 
     conv1 (20, 5x5) -> pool1 (max 2/2) -> conv2 (50, 5x5) -> pool2 (max 2/2) -> ip1 (500) ->
     relu1 -> ip2 (num_classes). Xavier weights, zero biases, biases at lr_mult 2.
     """
-    return serial(*_lenet_layers(num_classes), name="lenet")
+    return serial(*_lenet_layers(num_classes, impl), name="lenet")
 
 
-def cifar10_quick(num_classes: int = 10) -> Layer:
+def cifar10_quick(num_classes: int = 10, *, impl: str = "im2col") -> Layer:
     """Caffe's CIFAR10-quick (``cifar10/cifar10_quick_train_test.prototxt``), input
     ``(N, 32, 32, 3)``: three 5x5 pad-2 convolutions (32, 32, 64) with max/ave/ave 3/2 pooling
     and ReLUs, then ip1 (64) and ip2 (num_classes). Gaussian fillers as in the prototxt."""
     return serial(
-        _conv("conv1", 32, 5, padding=2, std=1e-4),
+        _conv("conv1", 32, 5, padding=2, std=1e-4, impl=impl),
         MaxPool(3, stride=2, name="pool1"),
         ReLU(name="relu1"),
-        _conv("conv2", 32, 5, padding=2, std=0.01),
+        _conv("conv2", 32, 5, padding=2, std=0.01, impl=impl),
         ReLU(name="relu2"),
         AvgPool(3, stride=2, name="pool2"),
-        _conv("conv3", 64, 5, padding=2, std=0.01),
+        _conv("conv3", 64, 5, padding=2, std=0.01, impl=impl),
         ReLU(name="relu3"),
         AvgPool(3, stride=2, name="pool3"),
         _dense("ip1", 64, std=0.1),
@@ -66,7 +67,7 @@ def cifar10_quick(num_classes: int = 10) -> Layer:
     )
 
 
-def alexnet(num_classes: int = 1000, *, dropout_rate: float = 0.5) -> Layer:
+def alexnet(num_classes: int = 1000, *, dropout_rate: float = 0.5, impl: str = "im2col") -> Layer:
     """Caffe's BVLC AlexNet (``bvlc_alexnet/train_val.prototxt``), input ``(N, 227, 227, 3)``.
 
     Grouped convolutions (conv2, conv4, conv5 with group 2), LRN after conv1/conv2 (local_size
@@ -76,19 +77,19 @@ def alexnet(num_classes: int = 1000, *, dropout_rate: float = 0.5) -> Layer:
     """
     mult = dict(lr_mult=_LR_W1_B2, decay_mult=(1.0, 0.0))
     return serial(
-        _conv("conv1", 96, 11, stride=4, std=0.01, **mult),
+        _conv("conv1", 96, 11, stride=4, std=0.01, **mult, impl=impl),
         ReLU(name="relu1"),
         LRN(5, alpha=1e-4, beta=0.75, name="norm1"),
         MaxPool(3, stride=2, name="pool1"),
-        _conv("conv2", 256, 5, padding=2, groups=2, std=0.01, bias=0.1, **mult),
+        _conv("conv2", 256, 5, padding=2, groups=2, std=0.01, bias=0.1, **mult, impl=impl),
         ReLU(name="relu2"),
         LRN(5, alpha=1e-4, beta=0.75, name="norm2"),
         MaxPool(3, stride=2, name="pool2"),
-        _conv("conv3", 384, 3, padding=1, std=0.01, **mult),
+        _conv("conv3", 384, 3, padding=1, std=0.01, **mult, impl=impl),
         ReLU(name="relu3"),
-        _conv("conv4", 384, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult),
+        _conv("conv4", 384, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult, impl=impl),
         ReLU(name="relu4"),
-        _conv("conv5", 256, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult),
+        _conv("conv5", 256, 3, padding=1, groups=2, std=0.01, bias=0.1, **mult, impl=impl),
         ReLU(name="relu5"),
         MaxPool(3, stride=2, name="pool5"),
         _dense("fc6", 4096, std=0.005, bias=0.1, **mult),
@@ -102,7 +103,7 @@ def alexnet(num_classes: int = 1000, *, dropout_rate: float = 0.5) -> Layer:
     )
 
 
-def siamese_lenet(embedding_dim: int = 2) -> Layer:
+def siamese_lenet(embedding_dim: int = 2, *, impl: str = "im2col") -> Layer:
     """Caffe's Siamese LeNet (``siamese/mnist_siamese_train_test.prototxt``).
 
     Input: a pair ``(x, x_p)`` of ``(N, 28, 28, 1)`` batches; output the pair of embeddings
@@ -112,12 +113,12 @@ def siamese_lenet(embedding_dim: int = 2) -> Layer:
     Train it with :func:`fnlayers.losses.contrastive`.
     """
     trunk = serial(
-        *_lenet_layers(10), _dense("feat", embedding_dim, xavier=True), name="siamese_trunk"
+        *_lenet_layers(10, impl), _dense("feat", embedding_dim, xavier=True), name="siamese_trunk"
     )
     return shared(trunk, 2, name="siamese_lenet")
 
 
-def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
+def fcn_tiny(num_classes: int, *, width: int = 16, impl: str = "im2col") -> Layer:
     """A small fully convolutional network for per-pixel classification (no Caffe original).
 
     Input ``(N, H, W, C)`` with H and W multiples of 4; output per-pixel logits
@@ -127,7 +128,7 @@ def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
     :func:`fnlayers.init.bilinear` and frozen (lr_mult 0), FCN's fixed bilinear upsampling.
     """
     check_positive_int(num_classes, fn="fcn_tiny", name="num_classes")
-    msra = dict(w_init=init.msra())
+    msra = dict(w_init=init.msra(), impl=impl)
     return serial(
         Conv2D(width, 3, padding=1, name="conv1", lr_mult=_LR_W1_B2, **msra),
         ReLU(name="relu1"),
@@ -137,7 +138,7 @@ def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
         MaxPool(2, stride=2, name="pool2"),
         Conv2D(4 * width, 3, padding=1, name="conv3", lr_mult=_LR_W1_B2, **msra),
         ReLU(name="relu3"),
-        Conv2D(num_classes, 1, name="score", lr_mult=_LR_W1_B2, w_init=init.xavier()),
+        Conv2D(num_classes, 1, name="score", lr_mult=_LR_W1_B2, w_init=init.xavier(), impl=impl),
         Deconv2D(
             num_classes,
             8,
@@ -154,7 +155,7 @@ def fcn_tiny(num_classes: int, *, width: int = 16) -> Layer:
     )
 
 
-def cifar10_bn(num_classes: int = 10) -> Layer:
+def cifar10_bn(num_classes: int = 10, *, impl: str = "im2col") -> Layer:
     """Caffe's CIFAR10-full with sigmoid and batch norm
     (``cifar10/cifar10_full_sigmoid_train_test_bn.prototxt``), input ``(N, 32, 32, 3)``.
 
@@ -163,15 +164,15 @@ def cifar10_bn(num_classes: int = 10) -> Layer:
     (num_classes) with decay_mult (1, 0).
     """
     return serial(
-        _conv("conv1", 32, 5, padding=2, std=1e-4, bias=None, lr_mult=1.0),
+        _conv("conv1", 32, 5, padding=2, std=1e-4, bias=None, lr_mult=1.0, impl=impl),
         MaxPool(3, stride=2, name="pool1"),
         BatchNorm(affine=False, name="bn1"),
         Sigmoid(name="Sigmoid1"),
-        _conv("conv2", 32, 5, padding=2, std=0.01, bias=None, lr_mult=1.0),
+        _conv("conv2", 32, 5, padding=2, std=0.01, bias=None, lr_mult=1.0, impl=impl),
         BatchNorm(affine=False, name="bn2"),
         Sigmoid(name="Sigmoid2"),
         AvgPool(3, stride=2, name="pool2"),
-        _conv("conv3", 64, 5, padding=2, std=0.01, bias=None, lr_mult=1.0),
+        _conv("conv3", 64, 5, padding=2, std=0.01, bias=None, lr_mult=1.0, impl=impl),
         BatchNorm(affine=False, name="bn3"),
         Sigmoid(name="Sigmoid3"),
         AvgPool(3, stride=2, name="pool3"),
@@ -183,11 +184,11 @@ def cifar10_bn(num_classes: int = 10) -> Layer:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _lenet_layers(num_classes):
+def _lenet_layers(num_classes, impl):
     return (
-        Conv2D(20, 5, name="conv1", lr_mult=_LR_W1_B2),
+        Conv2D(20, 5, name="conv1", lr_mult=_LR_W1_B2, impl=impl),
         MaxPool(2, stride=2, name="pool1"),
-        Conv2D(50, 5, name="conv2", lr_mult=_LR_W1_B2),
+        Conv2D(50, 5, name="conv2", lr_mult=_LR_W1_B2, impl=impl),
         MaxPool(2, stride=2, name="pool2"),
         _dense("ip1", 500, xavier=True),
         ReLU(name="relu1"),

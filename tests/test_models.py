@@ -144,3 +144,15 @@ def test_summary_lists_layers_shapes_and_counts():
     )
     assert any(line.split()[:1] == ["pool2"] and "(-1, 4, 4, 50)" in line for line in lines)
     assert "431,080" in text  # LeNet's parameter count: 520 + 25,050 + 400,500 + 5,010
+
+
+@pytest.mark.parametrize(
+    "name", ["lenet", "cifar10_quick", "alexnet", "siamese_lenet", "cifar10_bn"]
+)
+def test_models_take_the_convolution_impl(name):
+    build = getattr(models, name)
+    for impl in ("im2col", "xla"):
+        convs = [n.layer for n in fl.walk(build(impl=impl)) if n.layer.kind == "conv2d"]
+        assert convs and all(dict(c.config).get("impl", "im2col") == impl for c in convs)
+    with pytest.raises(ValueError, match="impl='cudnn'"):
+        build(impl="cudnn")

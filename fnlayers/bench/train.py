@@ -31,7 +31,6 @@ compiled step's ``memory_analysis()`` (arguments
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -99,25 +98,10 @@ def _data(case: TrainCase, seed: int = 0):
 # ----------------------------------------------------------------------------- fnlayers
 
 
-@contextlib.contextmanager
-def _conv_impl(impl: str):
-    """Builds ``fnlayers.models`` networks with ``Conv2D(impl=impl)``: the model functions look
-    ``Conv2D`` up in their module's globals, which this swaps for the duration."""
-    from fnlayers import models
-
-    original = models.Conv2D
-    models.Conv2D = lambda *a, **kw: original(*a, **kw, impl=impl)
-    try:
-        yield
-    finally:
-        models.Conv2D = original
-
-
 def build_fnlayers(case: TrainCase, impl: str = "im2col"):
     """``(step, train_state)`` for ``fnlayers.models.<case.name>``; ``step(ts, x, y)`` donates
     ``ts``."""
-    with _conv_impl(impl):
-        model = getattr(fl.models, case.name)(case.classes)
+    model = getattr(fl.models, case.name)(case.classes, impl=impl)
     lr_mult, decay_mult = fl.param_mults(model)
     opt = fl.optim.sgd(
         LEARNING_RATE,
