@@ -25,7 +25,9 @@ Example (one host, all its devices)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -39,7 +41,9 @@ __all__ = ["BATCH_NORM_MODES", "DataParallel", "data_parallel", "is_main_process
 BATCH_NORM_MODES = ("global", "per_device")
 
 
-def data_parallel(mesh, data_axis: str = "data", *, fn: str = "data_parallel") -> DataParallel:
+def data_parallel(
+    mesh: Mesh, data_axis: str = "data", *, fn: str = "data_parallel"
+) -> DataParallel:
     """Validates ``mesh`` and ``data_axis`` and returns the :class:`DataParallel` plan.
 
     Args:
@@ -90,15 +94,15 @@ class DataParallel:
         """The number of slices a global batch is split into (devices along ``axis``)."""
         return int(self.mesh.shape[self.axis])
 
-    @property
+    @functools.cached_property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    @property
+    @functools.cached_property
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, P(self.axis))
 
-    def context(self):
+    def context(self) -> contextlib.AbstractContextManager:
         """``jax.set_mesh(mesh)``: the context every step is traced and run in (the
         convolutions read it to tell that their batch is split)."""
         return jax.set_mesh(self.mesh)

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from fnlayers import _plot
 from fnlayers import checkpoint as _checkpoint
@@ -48,6 +49,7 @@ from fnlayers import distributed as _dist
 from fnlayers import optim as _optim
 from fnlayers._checks import check_choice, check_positive_int, is_int
 from fnlayers.layers import Layer, _abstract_init
+from fnlayers.optim import Optimizer
 
 __all__ = [
     "History",
@@ -112,7 +114,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def create_train_state(
-    model: Layer, optimizer, in_shape, key, *, mesh=None, data_axis: str = "data"
+    model: Layer,
+    optimizer: Optimizer,
+    in_shape: Any,
+    key: jax.Array,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> TrainState:
     """Initialises params, state and optimizer state for ``model`` on inputs of ``in_shape``.
 
@@ -136,12 +144,12 @@ def create_train_state(
 
 def predict(
     model: Layer,
-    params,
-    state,
-    x,
+    params: Any,
+    state: Any,
+    x: Any,
     *,
     batch_size: int = 256,
-    mesh=None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
 ):
     """``model``'s outputs on ``x`` in evaluation mode (``train=False``), in batches.
@@ -172,16 +180,16 @@ def predict(
 def make_train_step(
     model: Layer,
     loss_fn: LossFn,
-    optimizer,
+    optimizer: Optimizer,
     *,
     metrics: Mapping[str, MetricFn] | None = None,
     donate: bool = True,
     grad_norms: bool = False,
     grad_finite: bool = False,
-    mesh=None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
-):
+) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(train_state, x, y) -> (train_state, metrics)``, one jit-compiled function.
 
     Args:
@@ -287,9 +295,9 @@ def make_eval_step(
     loss_fn: LossFn,
     *,
     metrics: Mapping[str, MetricFn] | None = None,
-    mesh=None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
-):
+) -> Callable[..., dict[str, jax.Array]]:
     """Builds ``eval_step(params, state, x, y) -> metrics`` (jit-compiled, ``train=False``).
 
     The state is not updated: evaluation never changes running statistics. With a ``mesh``
@@ -309,14 +317,14 @@ def make_eval_step(
 
 
 def evaluate(
-    eval_step,
-    params,
-    state,
-    x,
-    y,
+    eval_step: Callable[..., Mapping[str, jax.Array]],
+    params: Any,
+    state: Any,
+    x: Any,
+    y: Any,
     *,
     batch_size: int = 100,
-    mesh=None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
 ) -> dict[str, float]:
     """Runs ``eval_step`` over ``(x, y)`` in order and averages each metric, weighting every
@@ -395,29 +403,29 @@ class History:
 def fit(
     model: Layer,
     loss_fn: LossFn,
-    optimizer,
-    train_data,
+    optimizer: Optimizer,
+    train_data: Any,
     *,
     batch_size: int | None = None,
     iterations: int | None = None,
     epochs: int | None = None,
     train_state: TrainState | None = None,
-    key=None,
+    key: jax.Array | None = None,
     seed: int = 0,
     metrics: Mapping[str, MetricFn] | None = None,
-    eval_data=None,
+    eval_data: tuple[Any, Any] | None = None,
     eval_every: int | None = None,
     eval_batch_size: int = 100,
     num_classes: int | None = None,
     log_every: int = 10,
-    checkpoint_path=None,
+    checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
     augment: Callable | None = None,
     diagnostics_every: int | None = None,
-    mesh=None,
+    mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
 ) -> tuple[TrainState, History]:
