@@ -606,6 +606,27 @@ def test_fit_a_two_headed_graph_with_a_dict_loss():
     assert set(preds) == {"logits", "aux"} and preds["logits"].shape == (50, 10)
 
 
+def test_fit_a_siamese_graph_on_tuple_inputs(rng):
+    # fit passes a tuple of inputs (and their tuple of shapes) in the order of the graph's inputs
+    xa, xb = (rng.normal(size=(32, 5, 5, 1)).astype(np.float32) for _ in range(2))
+    similar = (rng.random(32) > 0.5).astype(np.int32)
+
+    def loss_fn(outs, y):
+        return fl.contrastive(outs["feat"], outs["feat_p"], y, margin=1.0)
+
+    ts, history = fl.train.fit(
+        siamese(),
+        loss_fn,
+        fl.optim.sgd(0.01),
+        ((xa, xb), similar),
+        batch_size=16,
+        iterations=4,
+        log_every=2,
+        progress=False,
+    )
+    assert ts.params["conv1_p"] == {} and np.isfinite(history.column("loss")[1]).all()
+
+
 def test_checkpoint_round_trip(key, tmp_path):
     net = siamese()
     _, params, state = net.init(key, {"data": (-1, 5, 5, 1), "data_p": (-1, 5, 5, 1)})
