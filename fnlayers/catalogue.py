@@ -173,9 +173,9 @@ def Input(shape, *, name: str | None = None) -> Layer:
     """Caffe's Input layer: declares the shape of the data fed to the network (``-1`` for an
     unknown batch), or a tuple of shapes for several tops.
 
-    ``init(key, in_shape=None)`` returns the declared shape (an ``in_shape`` given must agree
-    with it, ``-1`` matching anything); ``apply`` checks that ``x`` has that shape and returns it
-    unchanged.
+    ``init(key, in_shape=None)`` returns the declared shape; an ``in_shape`` given must agree
+    with it (``-1`` matching anything) and fills in its ``-1`` dims. ``apply`` checks that
+    ``x`` has that shape and returns it unchanged.
     """
     fn = "Input"
     shapes = jax.tree.leaves(shape, is_leaf=_is_shape)
@@ -203,9 +203,16 @@ def Input(shape, *, name: str | None = None) -> Layer:
             raise ValueError(f"{fn}: {what} does not match the declared shape {declared}")
 
     def init(key, in_shape=None):
-        if in_shape is not None:
-            agree(in_shape, f"in_shape={in_shape!r}")
-        return declared, {}, {}
+        if in_shape is None:
+            return declared, {}, {}
+        agree(in_shape, f"in_shape={in_shape!r}")
+        known = jax.tree.map(
+            lambda d, a: tuple(u if u != -1 else v for u, v in zip(d, a, strict=True)),
+            declared,
+            in_shape,
+            is_leaf=_is_shape,
+        )
+        return known, {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
         actual = jax.tree.map(lambda a: tuple(jnp.shape(a)), x)
@@ -353,6 +360,11 @@ def _affine_layer(
         two = _is_pair_of_shapes(in_shape)
         if two:
             shape = _ops._caffe_shape(in_shape[1]) if caffe_axes else tuple(in_shape[1])
+            if -1 in shape and names(two):
+                raise ValueError(
+                    f"{fn}: the second input's shape {tuple(in_shape[1])} has an unknown axis; "
+                    "the learned bias takes its shape, so init needs it concrete"
+                )
         else:
             shape = param_shape(in_shape)
         k_scale, k_bias = jax.random.split(key)

@@ -627,7 +627,8 @@ def power(x: ArrayLike, power: float = 1.0, scale: float = 1.0, shift: float = 0
 
 def absval(x: ArrayLike) -> Array:
     """Caffe's AbsVal: ``|x|``; the derivative is ``sign(x)`` (0 at 0), as Caffe's."""
-    return jnp.abs(_float(x, "absval"))
+    x = _float(x, "absval")
+    return x * jnp.sign(x)  # = |x|; jnp.abs's derivative at 0 would be 1
 
 
 def bnll(x: ArrayLike) -> Array:
