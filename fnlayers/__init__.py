@@ -2,13 +2,16 @@
 
 Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of arrays; layers
 (``Conv2D``, ``MaxPool``, ``BatchNorm``, ...) are ``(init, apply)`` pairs composed with
-``serial``/``parallel``/``shared``. Submodules: ``init`` (Caffe fillers), ``losses``, ``optim``
-(Caffe's SGD), ``schedules`` (Caffe's learning-rate policies), ``models`` (the model zoo),
+``serial``/``parallel``/``shared``, or wired as a network of named blobs with ``graph``.
+Submodules: ``catalogue`` and ``tensor_ops`` (the rest of Caffe's layers and their ops),
+``init`` (Caffe fillers), ``losses``, ``optim`` (Caffe's SGD), ``schedules`` (Caffe's
+learning-rate policies), ``models`` (the model zoo),
 ``train`` (jit-compiled steps and ``fit``), ``distributed`` (data parallelism over a mesh),
 ``checkpoint``, ``data``.
 """
 
 from fnlayers import (
+    catalogue,
     checkpoint,
     data,
     diagnostics,
@@ -18,6 +21,7 @@ from fnlayers import (
     models,
     optim,
     schedules,
+    tensor_ops,
     train,
 )
 from fnlayers.activations import elu, maxout, prelu, relu, sigmoid, tanh
@@ -30,6 +34,7 @@ from fnlayers.conv import (
     im2col,
 )
 from fnlayers.dropout import dropout
+from fnlayers.graphs import Concat, Eltwise, graph
 from fnlayers.layers import (
     ELU,
     LRN,
@@ -88,11 +93,13 @@ __all__ = [
     "LRN",
     "AvgPool",
     "BatchNorm",
+    "Concat",
     "Container",
     "Conv2D",
     "Deconv2D",
     "Dense",
     "Dropout",
+    "Eltwise",
     "Flatten",
     "GlobalAvgPool",
     "GlobalMaxPool",
@@ -110,6 +117,7 @@ __all__ = [
     "avg_pool",
     "batch_norm",
     "batch_norm_state",
+    "catalogue",
     "checkpoint",
     "col2im",
     "container_layer",
@@ -128,6 +136,7 @@ __all__ = [
     "flatten",
     "global_avg_pool",
     "global_max_pool",
+    "graph",
     "im2col",
     "init",
     "layer_shapes",
@@ -152,6 +161,7 @@ __all__ = [
     "stochastic_pool",
     "summary",
     "tanh",
+    "tensor_ops",
     "train",
     "walk",
 ]

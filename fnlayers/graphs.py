@@ -10,7 +10,7 @@ layers (Caffe's Concat and Eltwise).
 
 Example (a residual block, ``sum = data + conv2(relu(conv1(data)))``):
     >>> import jax, fnlayers as fl
-    >>> from fnlayers.graph import Eltwise, graph
+    >>> from fnlayers.graphs import Eltwise, graph
     >>> net = graph(
     ...     inputs="data",
     ...     nodes=[

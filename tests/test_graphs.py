@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 import fnlayers as fl
 from fnlayers import diagnostics
-from fnlayers.graph import Concat, Eltwise, graph
+from fnlayers.graphs import Concat, Eltwise, graph
 
 
 def ip(x, p):
