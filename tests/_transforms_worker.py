@@ -846,9 +846,10 @@ def _run_case(name, spec, meshes):
 
 def _tiling(c, mesh_name, mesh, args, tiled):
     """Whether the convolution was tiled (a ``scan`` in the program) where it should be: as on
-    one device inside the ``shard_map`` body, where each device computes its own shard, and
-    never in a whole-batch program partitioned by XLA (``global_*``), which would gather the
-    batch onto every device to scan over it."""
+    one device inside the ``shard_map`` body, where each device computes its own shard, and in
+    a whole-batch program partitioned by XLA (``global_*``) as one device tiles one shard (the
+    convolution splits the batch into per-device slices first; the gradients of that program
+    are checked with the other programs, and it must not gather the batch: ``gathers_*``)."""
     jax, _ = _jax()
 
     def scans(f, args, mesh=None):
@@ -863,13 +864,24 @@ def _tiling(c, mesh_name, mesh, args, tiled):
         }
     else:
         expect = {}
-    expect["global_" + mesh_name] = (c.vg(c.whole), args, mesh, False)
+    try:
+        one_shard = scans(c.reference(), (c.params, _shard(c.batch, 0)))
+    except Exception as e:
+        out["tiling_global_" + mesh_name] = _error(e)
+        return out
+    expect["global_" + mesh_name] = (c.vg(c.whole), args, mesh, one_shard)
     for where, (f, f_args, f_mesh, want) in expect.items():
         try:
             got = scans(f, f_args, f_mesh)
             out["tiling_" + where] = "ok" if got == want else f"tiled={got}, expected {want}"
         except Exception as e:
             out["tiling_" + where] = _error(e)
+    try:
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(c.vg(c.whole)).lower(*args).compile().as_text()
+        out["gathers_global_" + mesh_name] = "ok" if "all-gather" not in hlo else "all-gather"
+    except Exception as e:
+        out["gathers_global_" + mesh_name] = _error(e)
     return out
 
 

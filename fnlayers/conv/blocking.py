@@ -76,10 +76,11 @@ def plan_blocks(
     dilation: IntPair = 1,
     groups: int = 1,
     dtype: DTypeLike = jnp.float32,
+    tile: bool | None = None,
 ) -> BlockPlan:
     """The blocks of ``conv2d(x, w, impl="im2col", ...)`` for ``x`` of shape ``x_shape`` (NHWC)
-    and dtype ``dtype`` and a ``kernel = w.shape[:2]``, traced now (on the CPU backend outside
-    a partitioned step: :func:`_tile_for_cache`)."""
+    and dtype ``dtype`` and a ``kernel = w.shape[:2]``, traced now. ``tile``: whether large
+    column matrices may be tiled at all (default :func:`_tile_for_cache`: on the CPU)."""
     fn = "plan_blocks"
     check_rank(x_shape, 4, fn=fn, name="x_shape", layout="NHWC")
     kernel = as_pair(kernel, fn=fn, name="kernel", minimum=1)
@@ -93,7 +94,7 @@ def plan_blocks(
         kernel, stride, dilation, c // groups, itemsize
     )
     block_bytes = _BLOCK_BYTES // 2 if two_stage else _BLOCK_BYTES
-    rows, per_block = _tiling(n, oh, ow * taps * c * itemsize, block_bytes)
+    rows, per_block = _tiling(n, oh, ow * taps * c * itemsize, block_bytes, tile)
     # A 1x1 convolution has no columns to keep in cache.
     tiled = (rows, per_block) != (oh, n) and not _is_1x1(kernel, stride, padding)
     if not tiled:
@@ -104,22 +105,26 @@ def plan_blocks(
 
 
 def _tile_for_cache() -> bool:
-    """Whether convolutions traced now are tiled: on the CPU backend, and not inside a step
-    partitioned over several devices (``jax.set_mesh``, as ``fit(mesh=...)`` traces it): a
-    ``scan`` over blocks of a sharded batch is not partitioned by XLA, which would gather the
-    whole batch onto every device and compute every block there. The body of a ``shard_map``
-    is no such step: over its manual axes each device runs it on its own shard, which is
-    tiled as on one device."""
+    """Whether convolutions traced now are tiled: on the CPU backend."""
+    return jax.default_backend() == "cpu"
+
+
+def partitioned_devices() -> int:
+    """How many devices the program traced now is partitioned over: the size of the
+    ``jax.set_mesh`` mesh (as ``fit(mesh=...)`` traces its step) without its manual axes (the
+    body of a ``shard_map`` computes one device's shard); 1 outside a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
-    partitioned = math.prod(n for a, n in mesh.shape.items() if a not in mesh.manual_axes)
-    return jax.default_backend() == "cpu" and partitioned <= 1
+    return math.prod(n for a, n in mesh.shape.items() if a not in mesh.manual_axes)
 
 
-def _tiling(n: int, oh: int, row_bytes: int, block_bytes: int | None = None) -> tuple[int, int]:
+def _tiling(
+    n: int, oh: int, row_bytes: int, block_bytes: int | None = None, tile: bool | None = None
+) -> tuple[int, int]:
     """``(rows, batch)``: output rows per window and windows per block, for ``n`` examples of
     ``oh`` output rows with ``row_bytes`` of columns each, in blocks of about ``block_bytes``
-    (default ``_BLOCK_BYTES``); ``(oh, n)`` means no tiling."""
-    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not _tile_for_cache():
+    (default ``_BLOCK_BYTES``); ``(oh, n)`` means no tiling. ``tile`` as for :func:`plan_blocks`."""
+    tile = _tile_for_cache() if tile is None else tile
+    if n * oh * row_bytes <= _TILE_ABOVE_BYTES or not tile:
         return oh, n
     block_bytes = _BLOCK_BYTES if block_bytes is None else block_bytes
     rows = _largest_divisor(oh, block_bytes // row_bytes)

@@ -18,7 +18,8 @@ from fnlayers._checks import (
     check_same_dtype,
 )
 from fnlayers._typing import Array, ArrayLike, IntPair
-from fnlayers.conv.blocking import plan_blocks
+from fnlayers.conv import blocking
+from fnlayers.conv.blocking import partitioned_devices, plan_blocks
 from fnlayers.conv.primitives import _col2im, _im2col, _pad_crop
 from fnlayers.conv.shapes import (
     conv_output_shape,
@@ -240,8 +241,30 @@ def _add_bias(y, b, fn):
 
 
 def _conv_im2col(x, w, *, stride, padding, dilation, groups):
+    """``im2col`` then one product, over blocks when the columns are large (:func:`_conv_blocks`).
+
+    In a program partitioned over several devices (``fit(mesh=...)``), the batch is split into
+    one slice per device first and the slices are a ``vmap`` axis: XLA does not partition a
+    ``scan`` over blocks of a sharded batch (it would gather the whole batch onto every device
+    and compute every block there), while it keeps a mapped axis split through the scan, so
+    each device tiles its own slice as one device tiles its batch. A batch that does not split
+    evenly is convolved untiled.
+    """
+    cfg = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    shards = partitioned_devices()
+    if shards == 1:
+        return _conv_blocks(x, w, **cfg)
+    n = x.shape[0]
+    if not blocking._tile_for_cache() or n % shards:
+        return _conv_blocks(x, w, tile=False, **cfg)
+    slices = x.reshape(shards, n // shards, *x.shape[1:])
+    y = jax.vmap(lambda xs: _conv_blocks(xs, w, **cfg))(slices)
+    return y.reshape(n, *y.shape[2:])
+
+
+def _conv_blocks(x, w, *, stride, padding, dilation, groups, tile=None):
     """``im2col`` then one product; over blocks (a ``lax.scan``) when the columns are large
-    (``blocking.plan_blocks``).
+    (``blocking.plan_blocks``; ``tile=False`` never tiles).
 
     A block is a few examples, or a window of output rows of one example (the input rows it reads,
     halo included, are cut out beforehand and stacked along the batch axis). The block body is
@@ -252,7 +275,7 @@ def _conv_im2col(x, w, *, stride, padding, dilation, groups):
     """
     n = x.shape[0]
     geometry = dict(kernel=w.shape[:2], stride=stride, dilation=dilation, groups=groups)
-    plan = plan_blocks(x.shape, padding=padding, dtype=x.dtype, **geometry)
+    plan = plan_blocks(x.shape, padding=padding, dtype=x.dtype, tile=tile, **geometry)
     # The weight matrix is formed once, outside the loop, so the loop accumulates its gradient in
     # the product's own layout and the transpose back to HWIO happens once.
     wm = _weight_matrix(w, groups)
