@@ -27,8 +27,8 @@ slower).
 On a CPU, JAX sees one device unless ``XLA_FLAGS`` has ``--xla_force_host_platform_device_count
 =N``; :func:`fnlayers.bench.cli.main` reruns the suite in a subprocess with that flag when
 more devices are asked for. Such host devices share the machine's cores, so CPU numbers measure
-the partitioned program's overhead (collectives, smaller per-device work, convolution tiling
-switched off under a multi-device mesh), not a speedup.
+the partitioned program's overhead (collectives, smaller per-device work, the convolutions'
+per-device slices), not a speedup.
 
 One process only: the meshes are over this process's first ``k`` devices.
 """
@@ -66,8 +66,8 @@ OVERHEAD_TARGET = 1.05
 CPU_NOTE = (
     "host devices forced with XLA_FLAGS=--xla_force_host_platform_device_count share this "
     "machine's {cores} cores: the CPU rows measure the overhead of the partitioned step "
-    "(collectives, smaller per-device products, convolution tiling off under a multi-device "
-    "mesh), not a speedup"
+    "(collectives, smaller per-device products, the convolutions' per-device slices), not a "
+    "speedup"
 )
 
 
