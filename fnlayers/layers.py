@@ -775,9 +775,7 @@ def LRN(
 ) -> Layer:
     """Caffe's LRN layer: :func:`fnlayers.lrn` (``region="within_channel"`` ignores ``k``, as
     Caffe). Shape-preserving; no params, no state."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % 2 == 0:
-        raise ValueError(f"LRN: size={size!r} must be a positive odd int (Caffe's local_size)")
-    check_choice(region, _norm.LRN_REGIONS, fn="LRN", name="region")
+    _norm.check_lrn_args(size, alpha, beta, k, region, fn="LRN")
     cfg = dict(size=size, alpha=alpha, beta=beta, k=k, region=region)
 
     def init(key, in_shape):
@@ -817,12 +815,7 @@ def BatchNorm(
     and returns the state unchanged. ``axis_name`` averages the statistics over a
     ``pmap``/``shard_map`` axis.
     """
-    check_real(momentum, fn="BatchNorm", name="momentum")
-    if not 0 <= momentum <= 1:
-        raise ValueError(f"BatchNorm: momentum={momentum!r} must be in [0, 1]")
-    check_real(eps, fn="BatchNorm", name="eps")
-    if eps < 0:
-        raise ValueError(f"BatchNorm: eps={eps!r} must be >= 0")
+    _norm.check_batch_norm_args(momentum, eps, fn="BatchNorm")
     scale_init = scale_init or _init.constant(1.0)
     shift_init = shift_init or _init.constant(0.0)
     cfg = dict(momentum=momentum, eps=eps, axis_name=axis_name)

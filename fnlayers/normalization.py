@@ -74,12 +74,7 @@ def lrn(
     fn = "lrn"
     check_float_array(x, fn=fn, name="x")
     x = jnp.asarray(x)
-    odd = "a positive odd int (Caffe's local_size)"
-    if check_int(size, fn=fn, name="size", minimum=1, what=odd) % 2 == 0:
-        raise ValueError(f"{fn}: size={size!r} must be {odd}")
-    for name, value in (("alpha", alpha), ("beta", beta), ("k", k)):
-        check_real(value, fn=fn, name=name)
-    check_choice(region, LRN_REGIONS, fn=fn, name="region")
+    check_lrn_args(size, alpha, beta, k, region, fn=fn)
     if x.ndim < 1:
         raise ValueError(f"{fn}: x must have a channel axis, got shape {x.shape}")
     if region == "within_channel" and x.ndim != 4:
@@ -130,9 +125,7 @@ def batch_norm(
     if x.ndim < 2:
         raise ValueError(f"{fn}: x must be (N, ..., C) with at least 2 axes, got shape {x.shape}")
     check_bool(train, fn=fn, name="train", what="a Python bool")
-    if not 0 <= check_real(momentum, fn=fn, name="momentum") <= 1:
-        raise ValueError(f"{fn}: momentum={momentum!r} must be in [0, 1]")
-    check_real(eps, fn=fn, name="eps", minimum=0)
+    check_batch_norm_args(momentum, eps, fn=fn)
     _check_state(state, x.shape[-1], fn)
     if train:
         return _batch_norm_train(x, state, momentum=momentum, eps=eps, axis_name=axis_name)
@@ -151,6 +144,23 @@ def batch_norm_state(num_channels: int, dtype: DTypeLike = jnp.float32) -> dict[
         "var_acc": jnp.zeros((c,), dtype),
         "scale_factor": jnp.zeros((1,), dtype),
     }
+
+
+def check_lrn_args(size, alpha, beta, k, region, *, fn: str) -> None:
+    """Validates :func:`lrn`'s configuration (also for the ``LRN`` layer, at construction)."""
+    odd = "a positive odd int (Caffe's local_size)"
+    if check_int(size, fn=fn, name="size", minimum=1, what=odd) % 2 == 0:
+        raise ValueError(f"{fn}: size={size!r} must be {odd}")
+    for name, value in (("alpha", alpha), ("beta", beta), ("k", k)):
+        check_real(value, fn=fn, name=name)
+    check_choice(region, LRN_REGIONS, fn=fn, name="region")
+
+
+def check_batch_norm_args(momentum, eps, *, fn: str) -> None:
+    """Validates :func:`batch_norm`'s configuration (also for the ``BatchNorm`` layer)."""
+    if not 0 <= check_real(momentum, fn=fn, name="momentum") <= 1:
+        raise ValueError(f"{fn}: momentum={momentum!r} must be in [0, 1]")
+    check_real(eps, fn=fn, name="eps", minimum=0)
 
 
 # ----------------------------------------------------------------------------- internals
