@@ -25,15 +25,10 @@ reads batches from any iterable (a generator, a PyTorch ``DataLoader``) instead 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import os
-import sys
-import time
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,13 +36,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fnlayers import _plot
+from fnlayers import _records, _sources
 from fnlayers import checkpoint as _checkpoint
-from fnlayers import data as _data
 from fnlayers import diagnostics as _diagnostics
 from fnlayers import distributed as _dist
 from fnlayers import optim as _optim
 from fnlayers._checks import check_choice, check_positive_int, is_int
+from fnlayers._records import GRAD_NORM, History
 from fnlayers.layers import Layer, _abstract_init
 from fnlayers.optim import Optimizer
 
@@ -66,9 +61,6 @@ __all__ = [
 LossFn = Callable[[Any, Any], jax.Array]
 MetricFn = Callable[[Any, Any], jax.Array]
 
-#: The key of the per-layer gradient norms in a step's metrics (a dict ``{layer: norm}``); in
-#: ``fit``'s history the records carry them flat, as ``"grad_norm/<layer>"``.
-GRAD_NORM = "grad_norm"
 #: The key of the per-layer gradient finiteness flags in a step's metrics (``{layer: bool}``).
 GRAD_FINITE = "grad_finite"
 
@@ -164,14 +156,14 @@ def predict(
       The outputs for all N examples, in order (a tuple of arrays for multi-output models), as
       numpy arrays.
     """
-    n = _num_examples(x, (), "predict")
+    n = _sources.num_examples(x, (), "predict")
     check_positive_int(batch_size, fn="predict", name="batch_size")
     dp = _data_parallel(mesh, data_axis, "predict")
     forward = _on_mesh(dp, lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
     if dp is not None:
         params, state = dp.replicate((params, state))
     outs = [
-        _to_host(dp, forward(params, state, _take(x, np.arange(i, min(i + batch_size, n)))))
+        _to_host(dp, forward(params, state, _sources.take(x, np.arange(i, min(i + batch_size, n)))))
         for i in range(0, n, batch_size)
     ]
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
@@ -334,70 +326,16 @@ def evaluate(
     the devices of its ``data_axis`` and ``eval_step`` (any jitted function, e.g. from
     :func:`make_eval_step` without a mesh) runs partitioned; an ``eval_step`` made with a mesh
     does this itself."""
-    n = _num_examples(x, y, "evaluate")
+    n = _sources.num_examples(x, y, "evaluate")
     dp = _data_parallel(mesh, data_axis, "evaluate")
     run = eval_step if dp is None else functools.partial(_placed, dp, eval_step)
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        out = run(params, state, _take(x, idx), _take(y, idx))
+        out = run(params, state, _sources.take(x, idx), _sources.take(y, idx))
         for name, value in out.items():
             totals[name] = totals.get(name, 0.0) + float(value) * len(idx)
     return {name: total / n for name, total in totals.items()}
-
-
-@dataclasses.dataclass
-class History:
-    """Per-iteration records of a run: a list of dicts with ``iteration``, ``epoch``, ``loss``,
-    ``lr``, ``images_per_s``, the training metrics, and ``test_*`` entries where an evaluation
-    ran. ``save_json``/``save_csv`` write it; :meth:`column` reads one quantity."""
-
-    records: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-    def column(self, name: str) -> tuple[list[int], list[float]]:
-        """``(iterations, values)`` of the records that have ``name``."""
-        rows = [r for r in self.records if name in r]
-        return [int(r["iteration"]) for r in rows], [float(r[name]) for r in rows]
-
-    def save_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.records, f, indent=1)
-
-    def save_csv(self, path) -> None:
-        names: list[str] = []
-        for r in self.records:
-            names += [k for k in r if k not in names]
-        with open(path, "w") as f:
-            f.write(",".join(names) + "\n")
-            for r in self.records:
-                f.write(",".join("" if k not in r else repr(r[k]) for k in names) + "\n")
-
-    def plot(self, path, *, title: str = "") -> None:
-        """Saves loss and accuracy curves as a PNG (needs matplotlib, the ``examples`` extra)."""
-        plt = _plot.pyplot()
-
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for name, ax in (("loss", ax_loss), ("test_loss", ax_loss)):
-            it, v = self.column(name)
-            if it:
-                ax.plot(it, v, label=name, marker="o" if name.startswith("test") else None)
-        for name in ("accuracy", "test_accuracy"):
-            it, v = self.column(name)
-            if it:
-                ax_acc.plot(it, v, label=name, marker="o" if name.startswith("test") else None)
-        ax_loss.set_xlabel("iteration")
-        ax_loss.set_ylabel("loss")
-        ax_loss.set_yscale("log")
-        ax_acc.set_xlabel("iteration")
-        ax_acc.set_ylabel("accuracy")
-        for ax in (ax_loss, ax_acc):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
 
 
 def fit(
@@ -496,7 +434,7 @@ def fit(
     """
     optimizer = _optim.check_optimizer(optimizer, fn="fit")
     dp = _data_parallel(mesh, data_axis, "fit")
-    source = _batch_source(train_data, batch_size, seed, augment, dp)
+    source = _sources.batch_source(train_data, batch_size, seed, augment, dp)
     total = _run_length(iterations, epochs, source.steps_per_epoch)
     eval_every = eval_every or source.steps_per_epoch or total
     checkpoint_every = checkpoint_every or eval_every
@@ -527,7 +465,9 @@ def fit(
     layer_order = _diagnostics.param_layers(model, train_state.params)
     end = total if stop_after is None else min(total, start + stop_after)
     show = progress and _dist.is_main_process()
-    recorder = _Recorder(history, source.steps_per_epoch, _Progress(total, start, enabled=show))
+    recorder = _records.Recorder(
+        history, source.steps_per_epoch, _records.Progress(total, start, enabled=show)
+    )
     previous = None  # (iteration, per-layer gradient finiteness) of the step before
     try:
         for it, xb, yb, exhausted in source.batches(start, end):
@@ -615,152 +555,6 @@ def _slice_mean(a):
     return a[0]
 
 
-def _batch_source(train_data, batch_size, seed, augment, dp):
-    if (
-        isinstance(train_data, tuple | list)
-        and len(train_data) == 2
-        and hasattr(train_data[1], "shape")
-    ):
-        return _Arrays(train_data[0], train_data[1], batch_size, seed, augment, dp)
-    if isinstance(train_data, Iterable) and not isinstance(train_data, str | bytes | Mapping):
-        return _Stream(train_data, batch_size, seed, augment, dp)
-    raise ValueError(
-        "fit: train_data must be a pair (x, y) of arrays or an iterable of (x, y) batches, got "
-        f"{type(train_data).__name__}"
-    )
-
-
-class _Arrays:
-    """Batches drawn from whole arrays: iteration ``i`` reads batch ``i % steps_per_epoch`` of
-    the permutation of epoch ``i // steps_per_epoch``."""
-
-    def __init__(self, x, y, batch_size, seed, augment, dp):
-        n = _num_examples(x, y, "train_data")
-        if not is_int(batch_size) or not 0 < batch_size <= n:
-            raise ValueError(f"fit: batch_size={batch_size!r} must be an int in [1, {n}]")
-        if dp is not None:
-            dp.check_batch_size(batch_size, fn="fit")
-        self.arrays, self.n, self.batch_size = (x, y), n, batch_size
-        self.seed, self.augment, self.dp = seed, augment, dp
-        self.steps_per_epoch = n // batch_size
-        self.input_shape = _input_shape(x)
-
-    def batches(self, start, end):
-        """Yields ``(iteration, x_batch, y_batch, exhausted)`` for ``start <= iteration < end``;
-        ``exhausted`` is always False (arrays never run out)."""
-        x, y = self.arrays
-        rows = slice(None) if self.dp is None else self.dp.local_rows(self.batch_size)
-        perm_epoch, perm = -1, None
-        for it in range(start, end):
-            epoch, b = divmod(it, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = _data.epoch_order(self.n, seed=self.seed, epoch=epoch), epoch
-            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.augment is None:
-                batch = _take((x, y), idx[rows])
-            else:  # the whole global batch, so that every process augments it alike
-                xb, yb = self.augment(*_take((x, y), idx), _augment_rng(self.seed, it, None))
-                batch = jax.tree.map(lambda a: np.asarray(a)[rows], (xb, yb))
-            yield it, *_place_local(self.dp, batch), False
-
-
-class _Stream:
-    """Batches read from an iterable, one per iteration (see :func:`fit`)."""
-
-    def __init__(self, data, batch_size, seed, augment, dp):
-        self.data, self.seed, self.augment, self.dp = data, seed, augment, dp
-        self._it = iter(data)
-        self.reiterable = self._it is not data
-        first = next(self._it, None)
-        if first is None:
-            raise ValueError("fit: train_data yielded no batch")
-        self._first = _host_batch(first, 0)
-        self.local_size = _num_examples(*self._first, "a batch of train_data")
-        self.batch_size = self.local_size * jax.process_count()
-        if batch_size is not None and batch_size != self.batch_size:
-            raise ValueError(
-                f"fit: batch_size={batch_size!r} disagrees with train_data's batches of "
-                f"{self.local_size} examples" + _per_process(jax.process_count())
-            )
-        if dp is not None:
-            dp.check_batch_size(self.batch_size, fn="fit", name="the batch size")
-        self.steps_per_epoch = len(data) if isinstance(data, Sized) else None
-        self.input_shape = _input_shape(self._first[0])
-        self.arrays = None
-
-    def batches(self, start, end):
-        """Yields ``(iteration, x_batch, y_batch, exhausted)``; ``exhausted`` is True for the
-        last batch of a one-shot iterator that runs out before ``end``."""
-        raw = self._raw()
-        for _ in range(start):
-            if next(raw, None) is None:
-                return
-        upcoming = next(raw, None)
-        for it in range(start, end):
-            if upcoming is None:
-                return
-            batch = upcoming
-            upcoming = next(raw, None) if it + 1 < end else None
-            exhausted = upcoming is None and it + 1 < end
-            if exhausted:
-                warnings.warn(
-                    f"fit: train_data ran out after {it + 1} iterations, before the "
-                    f"{end} asked for; the run ends there",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            if self.augment is not None:
-                batch = self.augment(*batch, _augment_rng(self.seed, it, jax.process_index()))
-            yield it, *_place_local(self.dp, batch), exhausted
-
-    def _raw(self):
-        """Full-size host batches, passes repeated while the iterable can be iterated again."""
-        yield self._first
-        index, it = 1, self._it
-        while True:
-            fresh = True
-            for item in it:
-                fresh = False
-                batch = _host_batch(item, index)
-                index += 1
-                size = _num_examples(*batch, "a batch of train_data")
-                if size > self.local_size:
-                    raise ValueError(
-                        f"fit: batch {index - 1} of train_data has {size} examples, more than "
-                        f"the first batch's {self.local_size}"
-                    )
-                if size == self.local_size:
-                    yield batch
-            if not self.reiterable or fresh:
-                return
-            it = iter(self.data)
-
-
-def _host_batch(item, index):
-    if not isinstance(item, tuple | list) or len(item) != 2:
-        raise ValueError(
-            f"fit: batch {index} of train_data must be a pair (x, y), got {type(item).__name__}"
-        )
-    return jax.tree.map(np.asarray, (item[0], item[1]))
-
-
-def _per_process(processes):
-    return f" in each of {processes} processes" if processes > 1 else ""
-
-
-def _augment_rng(seed, iteration, process):
-    entropy = [seed, iteration, 1] + (
-        [] if process is None or jax.process_count() == 1 else [process]
-    )
-    return np.random.default_rng(entropy)
-
-
-def _place_local(dp, batch):
-    """A host batch (this process's rows) as the step's input: as is on one device, a global
-    array split over the mesh with one."""
-    return batch if dp is None else dp.shard_local(batch)
-
-
 def _run_length(iterations, epochs, steps_per_epoch):
     if (iterations is None) == (epochs is None):
         raise ValueError(f"fit: give exactly one of iterations={iterations} and epochs={epochs}")
@@ -794,55 +588,6 @@ class _Evaluator:
 
     def __call__(self, ts):
         return evaluate(self.step, ts.params, ts.state, self.x, self.y, batch_size=self.batch_size)
-
-
-class _Recorder:
-    """Builds the history: averages the training metrics between records, measures images/s
-    (evaluation time excluded), adds evaluations, and updates the progress bar."""
-
-    def __init__(self, history, steps_per_epoch, bar):
-        self.history, self.steps_per_epoch, self.bar = history, steps_per_epoch, bar
-        self.record = None
-        self._reset_window()
-
-    def add_step(self, iteration, out, images, norms):
-        for name, value in out.items():
-            self.window.setdefault(name, []).append(float(value))
-        self.images += images
-        if norms:
-            self._current(iteration).update(
-                {f"{GRAD_NORM}/{k}": float(v) for k, v in norms.items()}
-            )
-
-    def log(self, iteration):
-        elapsed = time.perf_counter() - self.t_window
-        record = self._current(iteration)
-        record |= {k: float(np.mean(v)) for k, v in self.window.items()}
-        record["images_per_s"] = self.images / max(elapsed, 1e-9)
-        self._reset_window()
-
-    def add_evaluation(self, iteration, result):
-        self._current(iteration).update({f"test_{k}": v for k, v in result.items()})
-        self.t_window = time.perf_counter()  # evaluation time is not training throughput
-
-    def flush(self, iteration):
-        if self.record is not None:
-            self.history.records.append(self.record)
-            self.bar.update(iteration, self.record)
-            self.record = None
-
-    def close(self):
-        self.bar.close()
-
-    def _current(self, iteration):
-        if self.record is None:
-            self.record = {"iteration": iteration}
-            if self.steps_per_epoch:
-                self.record["epoch"] = iteration / self.steps_per_epoch
-        return self.record
-
-    def _reset_window(self):
-        self.window, self.images, self.t_window = {}, 0, time.perf_counter()
 
 
 def _placed_step(step):
@@ -955,29 +700,11 @@ def _unpack(data, name):
     return data[0], data[1]
 
 
-def _num_examples(x, y, name) -> int:
-    sizes = {int(np.shape(a)[0]) for a in jax.tree.leaves((x, y))}
-    if len(sizes) != 1:
-        raise ValueError(f"{name}: x and y disagree on the number of examples: {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _take(tree, idx):
-    return jax.tree.map(lambda a: np.asarray(a)[idx], tree)
-
-
-def _input_shape(x):
-    """The model's in_shape for data ``x``: ``(-1, ...)``, or a tuple of those for a tuple."""
-    if isinstance(x, tuple | list):
-        return tuple((-1, *np.shape(a)[1:]) for a in x)
-    return (-1, *np.shape(x)[1:])
-
-
 def _check_labels(model, x, y, num_classes, eval_data):
     if not all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in jax.tree.leaves(y)):
         return
     if num_classes is None:
-        out_shape, _ = _abstract_init(model, _input_shape(x))
+        out_shape, _ = _abstract_init(model, _sources.input_shape(x))
         if not (isinstance(out_shape, tuple) and all(isinstance(d, int) for d in out_shape)):
             return
         num_classes = out_shape[-1]
@@ -1001,39 +728,3 @@ def _load_run(path, template):
     train_state = _checkpoint.load(path, like=template)
     meta = _checkpoint.load_metadata(path)
     return TrainState(*train_state), int(meta["iteration"]), History(list(meta["history"]))
-
-
-class _Progress:
-    """tqdm when available, else one printed line per record."""
-
-    def __init__(self, total, start, *, enabled):
-        self.bar = None
-        self.enabled = enabled
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return
-        self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, leave=True)
-
-    def update(self, it, record):
-        if not self.enabled:
-            return
-        shown = {
-            k: f"{record[k]:.4g}"
-            for k in ("loss", "accuracy", "lr", "test_accuracy", "images_per_s")
-            if k in record
-        }
-        if self.bar is not None:
-            self.bar.n = it
-            self.bar.set_postfix(shown, refresh=True)
-        else:
-            print(
-                f"iteration {it}: " + " ".join(f"{k}={v}" for k, v in shown.items()),
-                file=sys.stderr,
-            )
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
