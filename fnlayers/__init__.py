@@ -3,7 +3,8 @@
 Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of arrays; layers
 (``Conv2D``, ``MaxPool``, ``BatchNorm``, ...) are ``(init, apply)`` pairs composed with
 ``serial``/``parallel``/``shared``, or wired as a network of named blobs with ``graph``.
-Submodules: ``catalogue`` and ``tensor_ops`` (the rest of Caffe's layers and their ops),
+Submodules: ``caffe`` (``fl.caffe.load_net``: Caffe prototxt and caffemodel import),
+``catalogue`` and ``tensor_ops`` (the rest of Caffe's layers and their ops),
 ``init`` (Caffe fillers), ``losses``, ``optim`` (Caffe's SGD), ``schedules`` (Caffe's
 learning-rate policies), ``models`` (the model zoo),
 ``train`` (jit-compiled steps and ``fit``), ``distributed`` (data parallelism over a mesh),
@@ -117,6 +118,7 @@ __all__ = [
     "avg_pool",
     "batch_norm",
     "batch_norm_state",
+    "caffe",
     "catalogue",
     "checkpoint",
     "col2im",
@@ -165,3 +167,13 @@ __all__ = [
     "train",
     "walk",
 ]
+
+
+def __getattr__(name: str):
+    # fnlayers.caffe (Caffe import) builds on the whole library and nothing in it imports the
+    # importer: it is loaded on first use, so `import fnlayers` stays one-way.
+    if name == "caffe":
+        import importlib
+
+        return importlib.import_module("fnlayers.caffe")
+    raise AttributeError(f"module 'fnlayers' has no attribute {name!r}")
