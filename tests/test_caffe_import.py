@@ -149,7 +149,8 @@ def test_read_net_current_and_v1():
     buf += _len_field(2, v1)
     name, layers = read_net(buf)
     assert name == "n"
-    assert [(x.name, x.type) for x in layers] == [("ip", "InnerProduct"), ("old", 14)]
+    # the V1 enum number 14 (INNER_PRODUCT) read as its current type string
+    assert [(x.name, x.type) for x in layers] == [("ip", "InnerProduct"), ("old", "InnerProduct")]
     np.testing.assert_array_equal(layers[0].blobs[0], w)
     np.testing.assert_array_equal(layers[1].blobs[0], [3.0])
 

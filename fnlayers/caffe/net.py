@@ -1,4 +1,5 @@
-"""``load_net``: a Caffe prototxt and ``.caffemodel`` as an :func:`fnlayers.graph` model."""
+"""``load_net``: a Caffe prototxt (current or V1 format) and ``.caffemodel`` as an
+:func:`fnlayers.graph` model; ``save_caffemodel`` and ``to_prototxt`` write them back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import numpy as np
 from fnlayers import catalogue as cat
 from fnlayers import init as fl_init
 from fnlayers import layers as L
-from fnlayers.caffe import wire
-from fnlayers.caffe.prototxt import first, parse
+from fnlayers.caffe import schema, wire
+from fnlayers.caffe.prototxt import first, parse, to_text
 from fnlayers.graphs import Concat, Eltwise, graph
 from fnlayers.tensor_ops import _from_caffe_shape, to_caffe_blob
 
-__all__ = ["CaffeNet", "load_net"]
+__all__ = ["CaffeNet", "load_net", "save_caffemodel", "to_prototxt", "upgrade_v1"]
 
 SUPPORTED_TYPES = (
     "Input", "Convolution", "Deconvolution", "Pooling", "InnerProduct", "ReLU", "Sigmoid",
@@ -40,6 +41,8 @@ class CaffeNet:
       inputs: ``{blob: Caffe shape}`` (NCHW as the prototxt writes it).
       outputs: the net's output blobs, Caffe's order (tops no later layer reads).
       layer_types: ``{layer name: Caffe type}`` of the layers kept for the phase.
+      definition: the parsed prototxt (:func:`fnlayers.caffe.parse`'s dicts), a V1 net
+        upgraded to the current ``layer`` form; :func:`to_prototxt` writes it back.
     """
 
     name: str | None
@@ -49,6 +52,9 @@ class CaffeNet:
     inputs: dict
     outputs: tuple
     layer_types: dict
+    definition: dict | None = dataclasses.field(default=None, repr=False)
+    _tags: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _shared: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def _is_file(text) -> bool:
@@ -418,6 +424,76 @@ def _load_blobs(tag, blobs, params, state, where):
     return params, state
 
 
+# ----------------------------------------------------------------------------- V1 upgrade
+
+_V1_TYPE_BY_NAME = {enum: kind for enum, kind in schema.V1_LAYER_TYPES.values()}
+_V1_COPIED = ("bottom", "top", "name", "include", "exclude", "blobs", "loss_weight")
+_V1_PARAM_SPEC = {"param": "name", "blob_share_mode": "share_mode", "blobs_lr": "lr_mult",
+                  "weight_decay": "decay_mult"}  # fmt: skip
+
+
+def _upgrade_v1_type(kind, name):
+    if isinstance(kind, int) and not isinstance(kind, bool):
+        if kind in schema.V1_LAYER_TYPES:
+            return schema.V1_LAYER_TYPES[kind][1]
+    elif isinstance(kind, str) and kind in _V1_TYPE_BY_NAME:
+        return _V1_TYPE_BY_NAME[kind]
+    raise ValueError(f"V1 layer {name!r}: unknown V1 layer type {kind!r}")
+
+
+def _upgrade_v1_layer(v1: dict) -> dict:
+    """Caffe's ``UpgradeV1LayerParameter`` on a parsed V1 ``layers { }`` entry."""
+    name = first(v1, "name")
+    unknown = set(v1) - set(_V1_COPIED) - set(_V1_PARAM_SPEC) - {"type", "layer"}
+    unknown -= set(schema.V1_PARAM_MESSAGES)
+    if unknown:
+        raise ValueError(f"V1 layer {name!r}: unknown fields {sorted(unknown)}")
+    if "layer" in v1:
+        raise ValueError(f"V1 layer {name!r}: V0 'layer' parameters are not supported")
+    layer: dict = {}
+    for field in ("bottom", "top", "name", "include", "exclude"):
+        if field in v1:
+            layer[field] = list(v1[field])
+    if "type" in v1:
+        layer["type"] = [_upgrade_v1_type(first(v1, "type"), name)]
+    if "blobs" in v1:
+        layer["blobs"] = list(v1["blobs"])
+    specs: list[dict] = []
+    for field, spec_field in _V1_PARAM_SPEC.items():
+        for i, value in enumerate(v1.get(field, [])):
+            while len(specs) <= i:
+                specs.append({})
+            specs[i][spec_field] = [value]
+    if specs:
+        layer["param"] = specs
+    if "loss_weight" in v1:
+        layer["loss_weight"] = list(v1["loss_weight"])
+    for field in schema.V1_PARAM_MESSAGES:
+        if field in v1:
+            layer[field] = list(v1[field])
+    return layer
+
+
+def upgrade_v1(net: dict) -> dict:
+    """A parsed NetParameter with V1 ``layers`` upgraded to ``layer`` (Caffe's
+    ``UpgradeV1Net``: type enums to type strings, ``blobs_lr``/``weight_decay``/``param``/
+    ``blob_share_mode`` to ``param { lr_mult decay_mult name share_mode }``, the rules and the
+    per-type parameter messages kept); a net without ``layers`` is returned as is.
+
+    Raises:
+      ValueError: both ``layer`` and ``layers`` (Caffe refuses them too), an unknown type.
+    """
+    if "layers" not in net:
+        return net
+    if "layer" in net:
+        raise ValueError(
+            "prototxt: both 'layer' and V1 'layers' fields; Caffe refuses to upgrade such a net"
+        )
+    out = {k: v for k, v in net.items() if k != "layers"}
+    out["layer"] = [_upgrade_v1_layer(v1) for v1 in net["layers"]]
+    return out
+
+
 # ----------------------------------------------------------------------------- load_net
 
 
@@ -448,10 +524,12 @@ def load_net(
     """A Caffe net from its prototxt (a path or the text), in fnlayers.
 
     Args:
-      prototxt: a ``.prototxt`` path or its text (the current ``layer { }`` format).
+      prototxt: a ``.prototxt`` path or its text: the current ``layer { }`` format or the
+        deprecated V1 ``layers { }`` one (upgraded as Caffe's ``UpgradeV1Net`` does).
       weights: None (params from the prototxt's fillers, drawn with ``key``), or a
         ``.caffemodel``: a path or its bytes. Layers are matched by name, as Caffe's
-        ``CopyTrainedLayersFrom``; caffemodel layers absent from the net are ignored.
+        ``CopyTrainedLayersFrom``; caffemodel layers absent from the net are ignored. V1
+        caffemodels (``layers`` entries) are read too.
       phase, stages, level: Caffe's NetState; layers are kept by their include/exclude rules.
       key: the PRNG key for the fillers (default ``jax.random.key(0)``).
 
@@ -459,14 +537,12 @@ def load_net(
       A :class:`CaffeNet`.
 
     Raises:
-      ValueError: an unsupported layer type (naming the layer and type), the deprecated V1
-        ``layers`` format, no input, a caffemodel blob that does not fit.
+      ValueError: an unsupported layer type (naming the layer and type), no input, a
+        caffemodel blob that does not fit, V1 ``layers`` mixed with ``layer``.
     """
     if phase not in _PHASES:
         raise ValueError(f"load_net: phase={phase!r} must be 'train' or 'test'")
-    net = parse(_read_text(prototxt))
-    if "layers" in net:
-        raise ValueError("load_net: the deprecated V1 'layers' prototxt format is not supported")
+    net = upgrade_v1(parse(_read_text(prototxt)))
     caffe_phase = _PHASES[phase]
     stages = tuple(stages)
     inputs = _input_shapes(net)
@@ -536,4 +612,69 @@ def load_net(
         inputs=dict(inputs),
         outputs=tuple(out_shapes),
         layer_types=types,
+        definition=net,
+        _tags=tags,
+        _shared={path: paths[0] for paths in shared.values() for path in paths[1:]},
     )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _layer_blobs(tag, name, params, state, shared) -> list:
+    """Caffe's blobs of one layer (the inverse of :func:`_load_blobs`)."""
+    if tag == "batch_norm":
+        return [np.asarray(state[name][k]) for k in ("mean_acc", "var_acc", "scale_factor")]
+    blobs = []
+    for i, pname in enumerate(_param_names(tag)):
+        if pname in params[name]:
+            value = params[name][pname]
+        elif (name, pname) in shared:  # shared: the owner's value, as Caffe's blobs hold it
+            owner, owner_pname = shared[(name, pname)]
+            value = params[owner][owner_pname]
+        else:  # no bias term
+            continue
+        value = np.asarray(value, np.float32)
+        if i == 0 and tag == "conv":
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> Caffe's (out, in/g, kh, kw)
+        elif i == 0 and isinstance(tag, tuple) and not tag[1]:
+            value = value.T  # (K, out) -> Caffe's (out, K); K already in (C, H, W) order
+        blobs.append(value)
+    return blobs
+
+
+def save_caffemodel(path, net: CaffeNet, params=None, state=None) -> bytes:
+    """Write ``net``'s weights as a binary ``.caffemodel`` (a NetParameter of ``layer`` entries
+    with name, type and blobs: Caffe's layouts, the inverse of :func:`load_net`'s), so that
+    ``load_net(prototxt, path)`` gives ``params`` and ``state`` back exactly.
+
+    Args:
+      path: a file to write, or None (only return the bytes).
+      net: a :class:`CaffeNet` from :func:`load_net` (its layers' Caffe types and layouts).
+      params, state: the trees to write (default ``net.params``, ``net.state``), e.g. after
+        training ``net.model``.
+
+    Returns:
+      The serialized bytes.
+    """
+    params = net.params if params is None else params
+    state = net.state if state is None else state
+    layers = []
+    for name, kind in net.layer_types.items():
+        tag = net._tags.get(name)
+        layers.append((name, kind, _layer_blobs(tag, name, params, state, net._shared)))
+    buf = wire.write_net(net.name, layers)
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(buf)
+    return buf
+
+
+def to_prototxt(net) -> str:
+    """The net definition as prototxt text (a :class:`CaffeNet`'s ``definition``, or a dict
+    from :func:`fnlayers.caffe.parse`); ``parse(to_prototxt(net)) == net.definition``. A V1
+    net comes out in the current ``layer`` format."""
+    definition = net.definition if isinstance(net, CaffeNet) else net
+    if definition is None:
+        raise ValueError("to_prototxt: the CaffeNet has no definition")
+    return to_text(definition)

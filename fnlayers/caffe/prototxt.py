@@ -4,7 +4,8 @@
 in file order (protobuf text format does not say which fields are repeated, so each may be);
 a message value is again such a dict. Scalars: ``"strings"`` (escapes decoded) as ``str``,
 integers as ``int``, other numbers as ``float``, ``true``/``false`` as ``bool`` and other bare
-identifiers (enum values such as ``MAX``) as ``str``. :func:`first` reads an optional field
+identifiers (enum values such as ``MAX``) as :class:`Ident` (a ``str``, so that
+:func:`to_text` writes them back bare). :func:`first` reads an optional field
 (protobuf's rule: the last value given wins).
 """
 
@@ -12,11 +13,17 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PrototxtError", "first", "parse"]
+__all__ = ["Ident", "PrototxtError", "first", "parse", "to_text"]
 
 
 class PrototxtError(ValueError):
     """Malformed text format; the message gives the line and column."""
+
+
+class Ident(str):
+    """A bare identifier in the text (an enum value such as ``MAX``); equal to its ``str``."""
+
+    __slots__ = ()
 
 
 _TOKEN = re.compile(
@@ -162,7 +169,7 @@ class _Parser:
                 return False
             if low in ("inf", "infinity", "-inf", "-infinity", "nan", "-nan"):
                 return float(low.replace("infinity", "inf"))
-            return tok
+            return Ident(tok)
         raise PrototxtError(f"{where}: expected a value, got {tok!r}")
 
 
@@ -191,3 +198,51 @@ def first(msg: dict, field: str, default=None):
     ``default``."""
     values = msg.get(field)
     return values[-1] if values else default
+
+
+def _quote(s: str) -> str:
+    out = []
+    for byte in s.encode("utf-8", errors="surrogateescape"):
+        c = chr(byte)
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif 32 <= byte < 127:
+            out.append(c)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def _scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Ident):
+        return str(v)
+    if isinstance(v, str):
+        return _quote(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if v == v else "nan"
+    raise TypeError(f"to_text: cannot write a {type(v).__name__} value")
+
+
+def to_text(msg: dict, indent: int = 0) -> str:
+    """Text format of a :func:`parse`-style dict (``{field: [value, ...]}``), one field per
+    line; ``parse(to_text(d)) == d``. Plain ``str`` values are written quoted,
+    :class:`Ident` values (enums) bare."""
+    pad = "  " * indent
+    lines = []
+    for field, values in msg.items():
+        for v in values:
+            if isinstance(v, dict):
+                lines.append(f"{pad}{field} {{")
+                body = to_text(v, indent + 1)
+                if body:
+                    lines.append(body.rstrip("\n"))
+                lines.append(f"{pad}}}")
+            else:
+                lines.append(f"{pad}{field}: {_scalar(v)}")
+    return "\n".join(lines) + ("\n" if lines else "")

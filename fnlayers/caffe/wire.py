@@ -1,9 +1,14 @@
-"""A protobuf wire-format decoder for ``.caffemodel`` files (no protobuf dependency).
+"""A protobuf wire-format decoder and encoder for ``.caffemodel`` files (no protobuf
+dependency).
 
 :func:`fields` splits a message into ``(field_number, wire_type, value)`` triples (a varint
 as an int, a length-delimited field as bytes, a fixed 32/64-bit field as its raw 4/8 bytes);
 :func:`read_net` decodes a serialized ``NetParameter`` into the layers' names, types and
-blobs, the field numbers from :mod:`fnlayers.caffe.schema`.
+blobs, the field numbers from :mod:`fnlayers.caffe.schema`; a V1 layer's enum type number
+becomes its current type string (Caffe's ``UpgradeV1LayerType``). :func:`encode_blob` and
+:func:`write_net` are the inverse: a ``BlobProto`` with ``shape`` and packed ``data``, a
+``NetParameter`` of ``layer`` entries with name, type and blobs (fields in number order, as
+protobuf serializes them).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import numpy as np
 
 from fnlayers.caffe import schema as S
 
-__all__ = ["CaffeLayerBlobs", "WireError", "decode_blob", "fields", "read_net"]
+__all__ = [
+    "CaffeLayerBlobs", "WireError", "decode_blob", "encode_blob", "fields", "read_net",
+    "write_net",
+]  # fmt: skip
 
 
 class WireError(ValueError):
@@ -136,7 +144,7 @@ def decode_blob(buf: bytes) -> np.ndarray:
 
 class CaffeLayerBlobs(NamedTuple):
     name: str
-    type: str | int | None  # a str for LayerParameter, the V1 enum number for V1 layers
+    type: str | int | None  # a V1 layer's enum number if not one of caffe.proto's
     blobs: list
 
 
@@ -155,5 +163,55 @@ def read_net(buf: bytes) -> tuple[str | None, list[CaffeLayerBlobs]]:
         lg = _group(v)
         blobs = [decode_blob(b) for _, b in lg.get(S.V1_BLOBS, [])]
         kind = _ints(lg[S.V1_TYPE])[-1] if S.V1_TYPE in lg else None
+        if kind in S.V1_LAYER_TYPES:
+            kind = S.V1_LAYER_TYPES[kind][1]
         layers.append(CaffeLayerBlobs(_string(lg.get(S.V1_NAME)), kind, blobs))
     return _string(g.get(S.NET_NAME)), layers
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode_varint(n: int) -> bytes:
+    """A base-128 varint; a negative int as its 64-bit two's complement (10 bytes)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(number: int, wtype: int) -> bytes:
+    return encode_varint(number << 3 | wtype)
+
+
+def len_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (a string, bytes, a message or a packed repeated field)."""
+    return _key(number, S.LEN) + encode_varint(len(payload)) + payload
+
+
+def encode_blob(array) -> bytes:
+    """A ``BlobProto``: packed float32 ``data`` (field 5, omitted when empty, as protobuf omits
+    an empty packed field) then ``shape`` (field 7, a ``BlobShape`` of packed ``dim``)."""
+    a = np.asarray(array, dtype=np.float32)
+    out = len_field(S.BLOB_DATA, a.astype("<f4").tobytes()) if a.size else b""
+    dims = b"".join(encode_varint(int(d)) for d in a.shape)
+    return out + len_field(S.BLOB_SHAPE, len_field(S.SHAPE_DIM, dims) if dims else b"")
+
+
+def write_net(name: str | None, layers) -> bytes:
+    """A serialized ``NetParameter``: ``name`` then, for each ``(name, type, blobs)`` (e.g. a
+    :class:`CaffeLayerBlobs`), a ``layer`` entry with its name, type (a str) and blobs."""
+    out = len_field(S.NET_NAME, name.encode("utf-8")) if name is not None else b""
+    for layer_name, kind, blobs in layers:
+        msg = len_field(S.LAYER_NAME, layer_name.encode("utf-8"))
+        if kind is not None:
+            msg += len_field(S.LAYER_TYPE, str(kind).encode("utf-8"))
+        msg += b"".join(len_field(S.LAYER_BLOBS, encode_blob(b)) for b in blobs)
+        out += len_field(S.NET_LAYER, msg)
+    return out
