@@ -107,6 +107,10 @@ class DataParallel:
         convolutions read it to tell that their batch is split)."""
         return jax.set_mesh(self.mesh)
 
+    def splits_evenly(self, batch_size: int) -> bool:
+        """Whether a batch of ``batch_size`` splits evenly over the devices and processes."""
+        return batch_size % self.size == 0 and batch_size % jax.process_count() == 0
+
     def check_batch_size(self, batch_size: int, *, fn: str, name: str = "batch_size") -> None:
         """Raises a ValueError unless ``batch_size`` splits evenly over the devices and over
         the processes."""

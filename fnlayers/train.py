@@ -516,8 +516,7 @@ def _placed(dp, fn, params, state, *batch):
     replicated and the batch split over the devices when it splits evenly (else replicated:
     the last, smaller batch of an evaluation)."""
     sizes = {int(np.shape(leaf)[0]) for leaf in jax.tree.leaves(batch)}
-    even = all(size % dp.size == 0 and size % jax.process_count() == 0 for size in sizes)
-    placed = dp.shard(batch) if even else dp.replicate(batch)
+    placed = dp.shard(batch) if all(map(dp.splits_evenly, sizes)) else dp.replicate(batch)
     with dp.context():
         return fn(*dp.replicate((params, state)), *placed)
 

@@ -199,33 +199,19 @@ def mesh_checks():
     ts = fl.train.create_train_state(model, opt, (-1, 28, 28, 1), jax.random.key(0))
     p1 = fl.train.predict(model, ts.params, ts.state, data[2], batch_size=16)
     p2 = fl.train.predict(model, ts.params, ts.state, data[2], batch_size=16, mesh=mesh)
-    e1 = fl.train.evaluate(
-        fl.train.make_eval_step(model, loss_fn),
-        ts.params,
-        ts.state,
-        data[2],
-        data[3],
-        batch_size=16,
-    )
-    e2 = fl.train.evaluate(
-        fl.train.make_eval_step(model, loss_fn, mesh=mesh),
-        ts.params,
-        ts.state,
-        data[2],
-        data[3],
-        batch_size=16,
-    )
     out["predict"] = float(np.max(np.abs(p1 - p2)))
-    e3 = fl.train.evaluate(
-        fl.train.make_eval_step(model, loss_fn),
-        ts.params,
-        ts.state,
-        data[2],
-        data[3],
-        batch_size=16,
-        mesh=mesh,
-    )
-    out["evaluate"] = [e1["loss"], e2["loss"], e3["loss"]]
+    # without a mesh; a step made with the mesh; a plain step placed by evaluate's mesh
+    evaluations = [
+        (fl.train.make_eval_step(model, loss_fn), None),
+        (fl.train.make_eval_step(model, loss_fn, mesh=mesh), None),
+        (fl.train.make_eval_step(model, loss_fn), mesh),
+    ]
+    out["evaluate"] = [
+        fl.train.evaluate(step, ts.params, ts.state, data[2], data[3], batch_size=16, mesh=m)[
+            "loss"
+        ]
+        for step, m in evaluations
+    ]
 
     # errors name the argument and the value
     errors = {}

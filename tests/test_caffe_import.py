@@ -1,5 +1,5 @@
 """fnlayers.caffe: the prototxt text parser, the protobuf wire decoder (checked against bytes
-derived by hand from the protobuf encoding spec, and against the test's own encoder), and
+derived by hand from the protobuf encoding spec, and round trips through the encoder), and
 load_net on Caffe's reference prototxts (copied under tests/data/caffe, BSD licence there)."""
 
 import pathlib
@@ -13,7 +13,16 @@ import pytest
 import fnlayers as fl
 from fnlayers.caffe import load_net, parse
 from fnlayers.caffe.prototxt import PrototxtError, first
-from fnlayers.caffe.wire import WireError, decode_blob, fields, read_net
+from fnlayers.caffe.wire import (
+    WireError,
+    decode_blob,
+    encode_blob,
+    encode_varint,
+    fields,
+    len_field,
+    read_net,
+    write_net,
+)
 
 DATA = pathlib.Path(__file__).parent / "data" / "caffe"
 LENET = DATA / "mnist__lenet.prototxt"
@@ -22,43 +31,15 @@ ALEXNET = DATA / "bvlc_alexnet__deploy.prototxt"
 SIAMESE = DATA / "siamese__mnist_siamese.prototxt"
 
 
-# ----------------------------------------------------------------------------- a wire encoder
-# (field numbers of caffe.proto: NetParameter.layer=100, LayerParameter name=1 type=2 blobs=7,
-# BlobProto data=5 shape=7, BlobShape dim=1; V1LayerParameter name=4 blobs=6)
-
-
-def _varint(n):
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len_field(number, payload):
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _blob(array):
-    a = np.asarray(array, np.float32)
-    shape = b"".join(_varint(d) for d in a.shape)
-    return _len_field(5, a.astype("<f4").tobytes()) + _len_field(7, _len_field(1, shape))
-
-
-def _layer(name, kind, blobs):
-    out = _len_field(1, name.encode()) + _len_field(2, kind.encode())
-    return out + b"".join(_len_field(7, _blob(b)) for b in blobs)
+# ----------------------------------------------------------------------------- writing weights
+# The library's encoder, pinned below (and in test_caffe_export.py) to bytes derived by hand
+# from the protobuf encoding spec; field numbers of caffe.proto: NetParameter.layer=100,
+# LayerParameter name=1 type=2 blobs=7, BlobProto data=5 shape=7, V1LayerParameter name=4 blobs=6.
+_varint, _len_field, _blob = encode_varint, len_field, encode_blob
 
 
 def _caffemodel(layers, name="net"):
-    return _len_field(1, name.encode()) + b"".join(
-        _len_field(100, _layer(*layer)) for layer in layers
-    )
+    return write_net(name, layers)
 
 
 # ----------------------------------------------------------------------------- the parser
@@ -218,7 +199,7 @@ def test_weights_reproduce_models(path, model, in_shape, flat, key):
 
 def _caffemodel_with_extra(buf):
     """Layers the net lacks (a loss layer) are ignored, as Caffe's CopyTrainedLayersFrom."""
-    return buf + _len_field(100, _layer("loss", "SoftmaxWithLoss", []))
+    return buf + write_net(None, [("loss", "SoftmaxWithLoss", [])])
 
 
 def test_weights_from_a_file(tmp_path, key):

@@ -134,6 +134,20 @@ def _filler(f: dict | None):
     raise ValueError(f"Caffe filler type {kind!r} is not supported")
 
 
+def _learned(layer, p, name) -> dict:
+    """The arguments every layer with a weight and a bias takes (Convolution, Deconvolution,
+    InnerProduct): ``bias_term``, the two fillers, Caffe's ``param`` multipliers, the name."""
+    lr, decay = _mults(layer)
+    return dict(
+        bias=bool(first(p, "bias_term", True)),
+        w_init=_filler(first(p, "weight_filler")),
+        b_init=_filler(first(p, "bias_filler")),
+        lr_mult=lr,
+        decay_mult=decay,
+        name=name,
+    )
+
+
 def _mults(layer: dict):
     specs = layer.get("param", [])
     lr = tuple(float(first(p, "lr_mult", 1.0)) for p in specs)
@@ -229,18 +243,12 @@ def _build(layer: dict):
         p = first(layer, "convolution_param", {})
         if first(p, "axis", 1) != 1:
             raise ValueError(f"Caffe layer {name!r} ({kind}): only axis 1 is supported")
-        lr, decay = _mults(layer)
         kw = dict(
             stride=_hw(p, "stride", 1),
             padding=_hw(p, "pad", 0),
             dilation=_dilation(p),
             groups=int(first(p, "group", 1)),
-            bias=bool(first(p, "bias_term", True)),
-            w_init=_filler(first(p, "weight_filler")),
-            b_init=_filler(first(p, "bias_filler")),
-            lr_mult=lr,
-            decay_mult=decay,
-            name=name,
+            **_learned(layer, p, name),
         )
         make = L.Conv2D if kind == "Convolution" else L.Deconv2D
         return make(int(first(p, "num_output")), _hw(p, "kernel", None), **kw), "conv"
@@ -256,15 +264,7 @@ def _build(layer: dict):
         return make(window, stride=_hw(p, "stride", 1), padding=_hw(p, "pad", 0), name=name), None
     if kind == "InnerProduct":
         p = first(layer, "inner_product_param", {})
-        lr, decay = _mults(layer)
-        cfg = dict(
-            bias=bool(first(p, "bias_term", True)),
-            w_init=_filler(first(p, "weight_filler")),
-            b_init=_filler(first(p, "bias_filler")),
-            lr_mult=lr,
-            decay_mult=decay,
-            name=name,
-        )
+        cfg = _learned(layer, p, name)
         n = int(first(p, "num_output"))
         transpose = bool(first(p, "transpose", False))
         if first(p, "axis", 1) == 1:
