@@ -638,6 +638,10 @@ class _Checkpointer:
             return
         if _dist.is_main_process():
             _save_run(self.path, _to_host(self.dp, train_state), iteration, history)
+        if jax.process_count() > 1:
+            # Every process returns only once the file is whole: one that resumes (or lists the
+            # directory) straight after would otherwise see process 0's temporary file.
+            multihost_utils.sync_global_devices(f"fnlayers-checkpoint-{iteration}")
         self.last = self.path
 
 
