@@ -15,6 +15,8 @@ Modules:
 
 - :mod:`~fnlayers.optim.base`: the :class:`Optimizer` protocol and :func:`check_optimizer`.
 - :mod:`~fnlayers.optim.sgd_solver`: :func:`sgd`, Caffe's SGD and Nesterov solvers.
+- :mod:`~fnlayers.optim.adaptive`: :func:`adagrad`, :func:`rmsprop`, :func:`adadelta` and
+  :func:`adam`, Caffe's adaptive-rate solvers.
 - :mod:`~fnlayers.optim.solver`: what Caffe's solvers share (clipping, ``iter_size``, weight
   decay) and :func:`~fnlayers.optim.solver.make_solver`, which builds a solver from a rule.
 - :mod:`~fnlayers.optim.rules`: per-array update rules lifted to parameter pytrees.
@@ -27,6 +29,16 @@ Modules:
 
 from fnlayers._tree import path_str
 from fnlayers.optim.accumulate import accumulate_gradients
+from fnlayers.optim.adaptive import (
+    AdaDeltaState,
+    AdaGradState,
+    AdamState,
+    RMSPropState,
+    adadelta,
+    adagrad,
+    adam,
+    rmsprop,
+)
 from fnlayers.optim.base import Optimizer, check_optimizer
 from fnlayers.optim.mults import by_path, caffe_bias_mults
 from fnlayers.optim.optax_adapter import OptaxState, from_optax
@@ -34,15 +46,23 @@ from fnlayers.optim.sgd_solver import SGDState, sgd
 from fnlayers.optim.solver import Solver
 
 __all__ = [
+    "AdaDeltaState",
+    "AdaGradState",
+    "AdamState",
     "OptaxState",
     "Optimizer",
+    "RMSPropState",
     "SGDState",
     "Solver",
     "accumulate_gradients",
+    "adadelta",
+    "adagrad",
+    "adam",
     "by_path",
     "caffe_bias_mults",
     "check_optimizer",
     "from_optax",
     "path_str",
+    "rmsprop",
     "sgd",
 ]

@@ -1,7 +1,8 @@
 """What every Caffe solver shares around its own update (``SGDSolver::ApplyUpdate``, §9).
 
-A Caffe solver (SGD, Nesterov, and AdaGrad, RMSProp, AdaDelta, Adam to come) differs from the
-others only in ``ComputeUpdateValue``; the rest of ``ApplyUpdate`` is common:
+A Caffe solver (SGD and Nesterov in :mod:`~fnlayers.optim.sgd_solver`; AdaGrad, RMSProp,
+AdaDelta and Adam in :mod:`~fnlayers.optim.adaptive`) differs from the others only in
+``ComputeUpdateValue``; the rest of ``ApplyUpdate`` is common:
 
 1. ``rate = learning_rate(iteration)`` (``GetLearningRate``).
 2. ``ClipGradients``: the global L2 norm of the gradients as given (the sum over ``iter_size``
