@@ -1,11 +1,13 @@
 """The model zoo: Caffe's reference networks, built from fnlayers layers.
 
 Each function reproduces a definition in Caffe's model zoo (BVLC Caffe's ``examples/`` and
-``models/`` prototxt files): the same layer types, sizes, fillers and per-parameter
-``lr_mult``/``decay_mult``, with Caffe's layer names as parameter keys (``conv1``, ``pool1``,
-``ip1``, ...). Multipliers travel with the layers; :func:`fnlayers.layers.param_mults` turns
-them into the trees :func:`fnlayers.optim.sgd` takes. Every model takes ``impl=`` for its
-convolutions (``"im2col"``, the default, or ``"xla"``: ``lax.conv_general_dilated``).
+``models/`` prototxt files, and Caffe's ResNet-50): the same layer types, sizes, fillers and
+per-parameter ``lr_mult``/``decay_mult``, with Caffe's layer names as parameter keys (``conv1``,
+``pool1``, ``ip1``, ...). GoogLeNet and ResNet, whose branches merge again, are
+:func:`fnlayers.graph` networks with Caffe's blob names. Multipliers travel with the layers;
+:func:`fnlayers.layers.param_mults` turns them into the trees :func:`fnlayers.optim.sgd` takes.
+Every model takes ``impl=`` for its convolutions (``"im2col"``, the default, or ``"xla"``:
+``lax.conv_general_dilated``).
 
 Inputs are NHWC. Caffe flattens ``(C, H, W)`` before an InnerProduct and fnlayers flattens
 ``(H, W, C)``, so importing Caffe InnerProduct weights that follow a convolution needs that
@@ -15,7 +17,10 @@ permutation; networks trained here are unaffected.
 from __future__ import annotations
 
 from fnlayers import init
-from fnlayers._checks import check_positive_int
+from fnlayers._checks import check_bool, check_choice, check_positive_int, is_int
+from fnlayers._zoo_graph import RESNET_DEPTHS, googlenet_nodes, resnet_nodes
+from fnlayers.conv import IMPLS
+from fnlayers.graphs import graph
 from fnlayers.layers import (
     LRN,
     AvgPool,
@@ -32,7 +37,16 @@ from fnlayers.layers import (
     shared,
 )
 
-__all__ = ["alexnet", "cifar10_bn", "cifar10_quick", "fcn_tiny", "lenet", "siamese_lenet"]
+__all__ = [
+    "alexnet",
+    "cifar10_bn",
+    "cifar10_quick",
+    "fcn_tiny",
+    "googlenet",
+    "lenet",
+    "resnet",
+    "siamese_lenet",
+]
 
 # Caffe's usual ``param { lr_mult: 1 } param { lr_mult: 2 }``: biases learn twice as fast.
 _LR_W1_B2 = (1.0, 2.0)
@@ -179,6 +193,101 @@ def cifar10_bn(num_classes: int = 10, *, impl: str = "im2col") -> Layer:
         _dense("ip1", num_classes, std=0.01, lr_mult=1.0, decay_mult=(1.0, 0.0)),
         name="cifar10_bn",
     )
+
+
+def googlenet(num_classes: int = 1000, *, aux_heads: bool = True, impl: str = "im2col") -> Layer:
+    """BVLC GoogLeNet (``bvlc_googlenet/train_val.prototxt``) as an :func:`fnlayers.graph`,
+    input ``(N, 224, 224, 3)``.
+
+    The prototxt's layers, names and blobs: conv1/7x7_s2 (64, 7x7, stride 2, pad 3), max pool
+    3/2, LRN (local_size 5, alpha 1e-4, beta 0.75), conv2/3x3_reduce (64, 1x1), conv2/3x3
+    (192, 3x3), LRN, max pool 3/2, nine inception modules (``inception_3a`` ... ``inception_5b``:
+    1x1, 3x3 and 5x5 branches behind 1x1 reductions and a 3x3/1 max pool with a 1x1 projection,
+    concatenated on channels) with max pools 3/2 after 3b and 4e, average pool 7/1, dropout 0.4
+    and ``loss3/classifier``. Pooling rounds up, as Caffe's (docs/caffe-semantics.md §3):
+    224 -> 112 -> 56 -> 28 -> 14 -> 7 -> 1. ``aux_heads`` adds the two auxiliary classifiers
+    ``loss1`` (after inception_4a) and ``loss2`` (after inception_4d): average pool 5/3 (14 ->
+    4), ``conv`` (128, 1x1), ``fc`` (1024), ReLUs, dropout 0.7, ``classifier``. Caffe weights
+    them 0.3 in the loss; at test time only loss3 is used.
+
+    Every convolution and InnerProduct has xavier weights, lr_mult (1, 2) and decay_mult (1, 0);
+    biases are 0.2, the classifiers' 0. Params and state are keyed by the Caffe layer names
+    (``"inception_3a/1x1"`` ...; the ReLU, pooling, LRN, Concat and Dropout layers hold none).
+
+    Returns:
+      A graph whose ``apply`` returns a dict of ``(N, num_classes)`` logits keyed by Caffe's
+      top names: ``{"loss1/classifier", "loss2/classifier", "loss3/classifier"}``, only
+      ``"loss3/classifier"`` without ``aux_heads``. With 1000 classes it has 13,378,280
+      parameters, 6,998,552 without the auxiliary heads; no state. ``train=True`` needs a key
+      (dropout).
+
+    Raises:
+      ValueError: ``num_classes`` below 1, ``impl`` unknown.
+      TypeError: ``num_classes`` not an int, ``aux_heads`` not a bool.
+
+    Caffe flattens an InnerProduct's input as ``(C, H, W)`` and fnlayers as ``(H, W, C)``, so
+    Caffe weights for ``loss1/fc`` and ``loss2/fc`` (4x4x128 inputs) need that permutation;
+    :func:`fnlayers.caffe.load_net` does it when it reads the prototxt itself.
+    """
+    check_positive_int(num_classes, fn="googlenet", name="num_classes")
+    check_bool(aux_heads, fn="googlenet", name="aux_heads")
+    check_choice(impl, IMPLS, fn="googlenet", name="impl")
+    heads = ("loss1/classifier", "loss2/classifier") if aux_heads else ()
+    return graph(
+        "data",
+        googlenet_nodes(num_classes, aux_heads, impl),
+        outputs=(*heads, "loss3/classifier"),
+        name="googlenet",
+    )
+
+
+def resnet(depth: int, num_classes: int = 1000, *, impl: str = "im2col") -> Layer:
+    """A ResNet of ``depth`` 18, 34 or 50 as an :func:`fnlayers.graph`, laid out and named as
+    Caffe's ResNet-50 (``ResNet-50-deploy.prototxt``, KaimingHe/deep-residual-networks).
+    Input ``(N, H, W, 3)``, 224x224 as trained; output ``(N, num_classes)`` logits.
+
+    ``conv1`` (64, 7x7, stride 2, pad 3, with a bias as in the prototxt), ``bn_conv1``,
+    ``scale_conv1``, ``conv1_relu``, ``pool1`` (max 3/2, rounding up: 112 -> 56), then stages
+    res2 ... res5 (widths 64, 128, 256, 512; blocks ``res2a``, ``res2b``, ...; the first block
+    of res3 ... res5 halves the size) and ``pool5`` (global average), ``fc1000``. Every other
+    convolution is bias-free; each is followed by BatchNorm ``bn2a_branch2a`` (statistics
+    only: state ``mean_acc``/``var_acc``/``scale_factor``, docs/caffe-semantics.md §5) and
+    Scale ``scale2a_branch2a`` (learned ``scale``, init 1, and ``bias``, init 0); a block adds its
+    shortcut (Eltwise ``res2a``) and applies ``res2a_relu``. The shortcut is the block's input,
+    or the 1x1 projection ``res2a_branch1`` (conv, BN, Scale, with the block's stride) where the
+    shape changes.
+
+    * depth 50: bottleneck blocks (3, 4, 6, 3 per stage): ``branch2a`` 1x1 (carrying the stride,
+      as in Caffe's prototxt), ``branch2b`` 3x3, ``branch2c`` 1x1 to 4x the width.
+    * depth 18 (2, 2, 2, 2) and 34 (3, 4, 6, 3): basic blocks as in the paper (and
+      torchvision): ``branch2a`` 3x3 (with the stride) and ``branch2b`` 3x3. Caffe has no
+      official prototxt for them; the names follow the ResNet-50 scheme, and res2a has no
+      projection (64 channels in and out).
+
+    The deploy prototxt has no fillers or multipliers: convolutions here are ``msra`` (He et
+    al.), ``fc1000`` xavier, every lr_mult and decay_mult 1. BatchNorm uses the batch's
+    statistics when ``train=True`` and the stored ones otherwise (Caffe's default; the deploy
+    prototxt's ``use_global_stats: true`` is the test-time behaviour). ``pool5`` averages
+    globally, which on a 224x224 input is the prototxt's 7x7 average pool and lets smaller
+    inputs run.
+
+    Parameter counts with 1000 classes (BN statistics are state, not counted): ResNet-18
+    11,689,576; ResNet-34 21,797,736; ResNet-50 25,557,096. Each is torchvision's count plus
+    the 64 biases of conv1 (torchvision's conv1 has none). State: 2 x (channels) + 1 floats per
+    BatchNorm: 9,620 (18), 17,060 (34), 53,173 (50).
+
+    Raises:
+      ValueError: ``depth`` not 18, 34 or 50 (an int); ``num_classes`` below 1; ``impl``
+        unknown.
+      TypeError: ``num_classes`` not an int.
+    """
+    if not is_int(depth) or depth not in RESNET_DEPTHS:
+        raise ValueError(f"resnet: depth={depth!r} must be one of {tuple(RESNET_DEPTHS)}")
+    depth = int(depth)
+    check_positive_int(num_classes, fn="resnet", name="num_classes")
+    check_choice(impl, IMPLS, fn="resnet", name="impl")
+    nodes = resnet_nodes(depth, num_classes, impl)
+    return graph("data", nodes, outputs="fc1000", name=f"resnet{depth}")
 
 
 # ----------------------------------------------------------------------------- helpers
