@@ -118,9 +118,17 @@ def test_v1_net_loads_with_its_multipliers():
     lr, decay = _mults(net)
     assert lr["conv"] == {"w": 1.0, "b": 2.0} and decay["conv"] == {"w": 1.0, "b": 0.0}
     assert lr["ip"] == {"w": 0.0}
-    # in the train phase the excluded loss layer is kept: its upgraded type is refused by name
-    with pytest.raises(ValueError, match="'loss'.*'SoftmaxWithLoss'"):
+    # in the train phase the excluded loss layer is kept; it reads a label the net lacks
+    with pytest.raises(ValueError, match="'loss' reads blob 'label'"):
         load_net(V1_NET, phase="train")
+    labelled = V1_NET.replace(
+        'input: "data" input_dim: 2 input_dim: 3 input_dim: 6 input_dim: 6',
+        'input: "data" input: "label" input_dim: 2 input_dim: 3 input_dim: 6 input_dim: 6 '
+        "input_dim: 2 input_dim: 1 input_dim: 1 input_dim: 1",
+    )
+    train = load_net(labelled, phase="train")
+    assert train.layer_types["loss"] == "SoftmaxWithLoss"
+    assert train.outputs == ("loss", "prob") and train.loss_weights == {"loss": 2.0}
 
 
 @pytest.mark.parametrize(

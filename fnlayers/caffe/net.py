@@ -1,46 +1,54 @@
-"""``load_net``: a Caffe prototxt (current or V1 format) and ``.caffemodel`` as an
-:func:`fnlayers.graph` model; ``save_caffemodel`` and ``to_prototxt`` write them back."""
+"""``load_net``: a Caffe prototxt (current or V1 format, deploy or train_test) and its
+``.caffemodel`` as an :func:`fnlayers.graph` model; ``save_caffemodel`` and ``to_prototxt`` write
+them back. The per-type layers are built by :mod:`fnlayers.caffe.builders`."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnlayers import catalogue as cat
-from fnlayers import init as fl_init
 from fnlayers import layers as L
+from fnlayers._checks import is_int
 from fnlayers.caffe import schema, wire
+from fnlayers.caffe.builders import DATA_TYPES, Blobs, build_layer, data_top_shapes, loss_weights
 from fnlayers.caffe.prototxt import first, parse, to_text
-from fnlayers.graphs import Concat, Eltwise, graph
-from fnlayers.tensor_ops import _from_caffe_shape, to_caffe_blob
+from fnlayers.graphs import graph
+from fnlayers.tensor_ops import _from_caffe_shape
 
 __all__ = ["CaffeNet", "load_net", "save_caffemodel", "to_prototxt", "upgrade_v1"]
-
-SUPPORTED_TYPES = (
-    "Input", "Convolution", "Deconvolution", "Pooling", "InnerProduct", "ReLU", "Sigmoid",
-    "TanH", "LRN", "Dropout", "Softmax", "Concat", "Eltwise", "Flatten", "BatchNorm", "Scale",
-    "Split", "Slice",
-)  # fmt: skip
 
 
 @dataclasses.dataclass
 class CaffeNet:
     """A loaded Caffe net. ``model.apply(params, state, x, train=False)`` returns
-    ``({top: array}, state)``; 4-D blobs are NHWC.
+    ``({top: array}, state)``; blobs of rank 3 and more are channels last (4-D: NHWC).
 
     Attributes:
       name: the NetParameter's name.
-      model: the :func:`fnlayers.graph` Layer (node names = Caffe layer names).
+      model: the :func:`fnlayers.graph` Layer (node names = Caffe layer names). Its inputs are
+        :attr:`inputs`; it returns :attr:`outputs`, and after them any top with a loss weight
+        that is not one of them (a loss layer's automatic top, ``"<layer> (automatic)"``, when
+        the prototxt gives it none; a weighted top a later layer reads).
       params, state: its trees (from the caffemodel where given, else the prototxt fillers).
-      inputs: ``{blob: Caffe shape}`` (NCHW as the prototxt writes it).
-      outputs: the net's output blobs, Caffe's order (tops no later layer reads).
-      layer_types: ``{layer name: Caffe type}`` of the layers kept for the phase.
+      inputs: ``{blob: Caffe shape}`` (NCHW): the ``input``/``Input`` blobs and the tops of
+        the data layers, in the prototxt's order.
+      outputs: the net's output blobs in Caffe's order (``Net::Init``): the tops no later layer
+        reads (a Silence layer reads its bottoms), sorted by name.
+      layer_types: ``{layer name: Caffe type}`` of the layers kept for the phase (data layers
+        included).
+      loss_weights: ``{top: weight}``, every top with a nonzero weight in the net's loss
+        (Caffe's rule: a loss layer's first top 1 unless ``loss_weight`` says otherwise); the
+        loss Caffe minimises is ``sum(weight * sum(top))`` over them.
+      data_layers: ``{layer name: parsed definition}`` of the data layers kept for the phase
+        (Data, ImageData, HDF5Data, MemoryData, DummyData, WindowData), for building their
+        sources.
       definition: the parsed prototxt (:func:`fnlayers.caffe.parse`'s dicts), a V1 net
         upgraded to the current ``layer`` form; :func:`to_prototxt` writes it back.
     """
@@ -52,8 +60,10 @@ class CaffeNet:
     inputs: dict
     outputs: tuple
     layer_types: dict
+    loss_weights: dict = dataclasses.field(default_factory=dict)
+    data_layers: dict = dataclasses.field(default_factory=dict, repr=False)
     definition: dict | None = dataclasses.field(default=None, repr=False)
-    _tags: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _blobs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _shared: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
@@ -100,328 +110,6 @@ def _included(layer: dict, phase: str, stages, level: int) -> bool:
     if include:
         return any(_meets_rule(r, phase, stages, level) for r in include)
     return not any(_meets_rule(r, phase, stages, level) for r in exclude)
-
-
-# ----------------------------------------------------------------------------- fillers
-
-
-def _filler(f: dict | None):
-    if f is None:
-        return fl_init.constant(0.0)  # Caffe's FillerParameter default: constant 0
-    kind = first(f, "type", "constant")
-    norm = {"FAN_IN": "fan_in", "FAN_OUT": "fan_out", "AVERAGE": "average"}[
-        first(f, "variance_norm", "FAN_IN")
-    ]
-    if kind == "constant":
-        return fl_init.constant(float(first(f, "value", 0.0)))
-    if kind == "uniform":
-        return fl_init.uniform(float(first(f, "min", 0.0)), float(first(f, "max", 1.0)))
-    if kind == "gaussian":
-        sparse = first(f, "sparse", -1)
-        return fl_init.gaussian(
-            float(first(f, "std", 1.0)),
-            float(first(f, "mean", 0.0)),
-            sparse=None if sparse < 0 else sparse,
-        )
-    if kind == "xavier":
-        return fl_init.xavier(norm)
-    if kind == "msra":
-        return fl_init.msra(norm)
-    if kind == "bilinear":
-        return fl_init.bilinear()
-    if kind == "positive_unitball":
-        return fl_init.positive_unitball()
-    raise ValueError(f"Caffe filler type {kind!r} is not supported")
-
-
-def _learned(layer, p, name) -> dict:
-    """The arguments every layer with a weight and a bias takes (Convolution, Deconvolution,
-    InnerProduct): ``bias_term``, the two fillers, Caffe's ``param`` multipliers, the name."""
-    lr, decay = _mults(layer)
-    return dict(
-        bias=bool(first(p, "bias_term", True)),
-        w_init=_filler(first(p, "weight_filler")),
-        b_init=_filler(first(p, "bias_filler")),
-        lr_mult=lr,
-        decay_mult=decay,
-        name=name,
-    )
-
-
-def _mults(layer: dict):
-    specs = layer.get("param", [])
-    lr = tuple(float(first(p, "lr_mult", 1.0)) for p in specs)
-    decay = tuple(float(first(p, "decay_mult", 1.0)) for p in specs)
-    return (lr or 1.0), (decay or 1.0)
-
-
-def _dilation(p: dict):
-    values = [int(d) for d in p.get("dilation", [1])]
-    if len(values) > 2:
-        raise ValueError(f"dilation: {values!r} has more than two spatial values")
-    return (values[0], values[-1])
-
-
-def _hw(p: dict, base: str, default):
-    """Caffe's ``kernel_size``/``kernel_h``+``kernel_w`` (likewise pad, stride) as (h, w)."""
-    if f"{base}_h" in p or f"{base}_w" in p:
-        return (int(first(p, f"{base}_h")), int(first(p, f"{base}_w")))
-    name = {"kernel": "kernel_size"}.get(base, base)
-    values = p.get(name, [])
-    if not values:
-        return (default, default)
-    if len(values) == 1:
-        return (int(values[0]), int(values[0]))
-    if len(values) == 2:
-        return (int(values[0]), int(values[1]))
-    raise ValueError(f"{name}: {values!r} has more than two spatial values")
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def _inner_product_nchw(num_output, *, bias, w_init, b_init, lr_mult, decay_mult, name):
-    """Caffe's InnerProduct (axis 1) as a :func:`fnlayers.Dense` that flattens its input in
-    Caffe's ``(C, H, W)`` order: weight ``(K, num_output)`` = Caffe's blob transposed."""
-    dense = L.Dense(
-        num_output, bias=bias, w_init=w_init, b_init=b_init, lr_mult=lr_mult,
-        decay_mult=decay_mult, name=name,
-    )  # fmt: skip
-
-    def flat(x):
-        x = to_caffe_blob(x)
-        return jnp.reshape(x, (x.shape[0], -1))
-
-    def init(key, in_shape):
-        s = tuple(in_shape)
-        return dense.init(key, (s[0], math.prod(s[1:])))
-
-    def apply(params, state, x, *, key=None, train=False):
-        return dense.apply(params, state, flat(x), key=key, train=train)
-
-    return L.Layer(init, apply, name=name, kind="inner_product", mults=dense.mults)
-
-
-def _global_pool(op, name):
-    def init(key, in_shape):
-        s = tuple(in_shape)
-        return (s[0], 1, 1, s[3]), {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        return op(x, axis=(1, 2), keepdims=True), state
-
-    return L.Layer(init, apply, name=name, kind="global_pool")
-
-
-def _array_axis(axis: int, ndim: int) -> int:
-    """The NHWC array axis of Caffe's NCHW ``axis``."""
-    axis %= ndim
-    if ndim < 3:
-        return axis
-    return ndim - 1 if axis == 1 else (0 if axis == 0 else axis - 1)
-
-
-def _concat(axis: int, name):
-    def make(ndim):
-        return Concat(_array_axis(axis, ndim), name=name)
-
-    def init(key, in_shape):
-        return make(len(in_shape[0])).init(key, in_shape)
-
-    def apply(params, state, x, *, key=None, train=False):
-        return make(jnp.ndim(x[0])).apply(params, state, x, key=key, train=train)
-
-    return L.Layer(init, apply, name=name, kind="concat")
-
-
-def _build(layer: dict):
-    """``(fl layer, kind tag)`` for one Caffe LayerParameter."""
-    name = first(layer, "name")
-    kind = first(layer, "type")
-    tops = layer.get("top", [])
-    if kind in ("Convolution", "Deconvolution"):
-        p = first(layer, "convolution_param", {})
-        if first(p, "axis", 1) != 1:
-            raise ValueError(f"Caffe layer {name!r} ({kind}): only axis 1 is supported")
-        kw = dict(
-            stride=_hw(p, "stride", 1),
-            padding=_hw(p, "pad", 0),
-            dilation=_dilation(p),
-            groups=int(first(p, "group", 1)),
-            **_learned(layer, p, name),
-        )
-        make = L.Conv2D if kind == "Convolution" else L.Deconv2D
-        return make(int(first(p, "num_output")), _hw(p, "kernel", None), **kw), "conv"
-    if kind == "Pooling":
-        p = first(layer, "pooling_param", {})
-        pool = first(p, "pool", "MAX")
-        if pool not in ("MAX", "AVE"):
-            raise ValueError(f"Caffe layer {name!r} (Pooling): pool {pool!r} is not supported")
-        if first(p, "global_pooling", False):
-            return _global_pool(jnp.max if pool == "MAX" else jnp.mean, name), None
-        make = L.MaxPool if pool == "MAX" else L.AvgPool
-        window = _hw(p, "kernel", None)
-        return make(window, stride=_hw(p, "stride", 1), padding=_hw(p, "pad", 0), name=name), None
-    if kind == "InnerProduct":
-        p = first(layer, "inner_product_param", {})
-        cfg = _learned(layer, p, name)
-        n = int(first(p, "num_output"))
-        transpose = bool(first(p, "transpose", False))
-        if first(p, "axis", 1) == 1:
-            return _inner_product_nchw(n, **cfg), ("ip_dense", transpose)
-        ip = cat.InnerProduct(
-            n, axis=int(first(p, "axis")), transpose=transpose, caffe_axes=True, **cfg
-        )
-        return ip, "as_stored"
-    if kind == "ReLU":
-        p = first(layer, "relu_param", {})
-        return L.ReLU(float(first(p, "negative_slope", 0.0)), name=name), None
-    if kind == "Sigmoid":
-        return L.Sigmoid(name=name), None
-    if kind == "TanH":
-        return L.Tanh(name=name), None
-    if kind == "LRN":
-        p = first(layer, "lrn_param", {})
-        region = {"ACROSS_CHANNELS": "across_channels", "WITHIN_CHANNEL": "within_channel"}
-        lrn = L.LRN(
-            int(first(p, "local_size", 5)),
-            alpha=float(first(p, "alpha", 1.0)),
-            beta=float(first(p, "beta", 0.75)),
-            k=float(first(p, "k", 1.0)),
-            region=region[first(p, "norm_region", "ACROSS_CHANNELS")],
-            name=name,
-        )
-        return lrn, None
-    if kind == "Dropout":
-        p = first(layer, "dropout_param", {})
-        return L.Dropout(float(first(p, "dropout_ratio", 0.5)), name=name), None
-    if kind == "Softmax":
-        p = first(layer, "softmax_param", {})
-        return cat.Softmax(axis=int(first(p, "axis", 1)), caffe_axes=True, name=name), None
-    if kind == "Concat":
-        p = first(layer, "concat_param", {})
-        axis = first(p, "axis", first(p, "concat_dim", 1))
-        return _concat(int(axis), name), None
-    if kind == "Eltwise":
-        p = first(layer, "eltwise_param", {})
-        op = {"SUM": "sum", "PROD": "prod", "MAX": "max"}[first(p, "operation", "SUM")]
-        coeffs = tuple(float(c) for c in p.get("coeff", [])) or None
-        return Eltwise(op, coeffs, name=name), None
-    if kind == "Flatten":
-        p = first(layer, "flatten_param", {})
-        fl_ = cat.Flatten(
-            axis=int(first(p, "axis", 1)),
-            end_axis=int(first(p, "end_axis", -1)),
-            caffe_axes=True,
-            name=name,
-        )
-        return fl_, None
-    if kind == "BatchNorm":
-        p = first(layer, "batch_norm_param", {})
-        if first(p, "use_global_stats") is not None:
-            raise ValueError(
-                f"Caffe layer {name!r} (BatchNorm): use_global_stats is not supported "
-                "(train=False uses the stored statistics, train=True the batch's)"
-            )
-        bn = L.BatchNorm(
-            momentum=float(first(p, "moving_average_fraction", 0.999)),
-            eps=float(first(p, "eps", 1e-5)),
-            affine=False,
-            name=name,
-        )
-        return bn, "batch_norm"
-    if kind == "Scale":
-        p = first(layer, "scale_param", {})
-        lr, decay = _mults(layer)
-        sc = cat.Scale(
-            axis=int(first(p, "axis", 1)),
-            num_axes=int(first(p, "num_axes", 1)),
-            bias=bool(first(p, "bias_term", False)),
-            scale_init=_filler(first(p, "filler", {"type": ["constant"], "value": [1.0]})),
-            bias_init=_filler(first(p, "bias_filler")),
-            caffe_axes=True,
-            lr_mult=lr,
-            decay_mult=decay,
-            name=name,
-        )
-        return sc, "scale"
-    if kind == "Split":
-        return cat.Split(len(tops), name=name), None
-    if kind == "Slice":
-        p = first(layer, "slice_param", {})
-        axis = int(first(p, "axis", first(p, "slice_dim", 1)))
-        points = tuple(int(s) for s in p.get("slice_point", []))
-        sl = cat.Slice(
-            points,
-            axis=axis,
-            num_outputs=None if points else len(tops),
-            caffe_axes=True,
-            name=name,
-        )
-        return sl, None
-    raise ValueError(
-        f"Caffe layer {name!r}: type {kind!r} is not supported "
-        f"(supported: {', '.join(SUPPORTED_TYPES)})"
-    )
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def _param_names(tag) -> tuple[str, ...]:
-    """The fnlayers names of a layer's parameters in Caffe's blob order."""
-    if tag == "conv" or tag == "as_stored" or (isinstance(tag, tuple) and tag[0] == "ip_dense"):
-        return ("w", "b")
-    if tag == "scale":
-        return ("scale", "bias")
-    return ()
-
-
-def _fit(blob: np.ndarray, shape, where: str) -> np.ndarray:
-    if blob.size != math.prod(shape):
-        raise ValueError(f"{where}: the caffemodel blob of shape {blob.shape} does not fit {shape}")
-    return blob.reshape(shape)
-
-
-def _load_blobs(tag, blobs, params, state, where):
-    """The layer's params and state with Caffe's blobs in place of the initial values. A
-    parameter shared with an earlier layer (``param { name: ... }``) is absent from this
-    layer's params: the earlier layer's blob is the one kept, as in Caffe."""
-    params, state = dict(params), dict(state)
-
-    def put(tree, key, value):
-        tree[key] = jnp.asarray(value, dtype=tree[key].dtype)
-
-    if tag == "batch_norm":
-        names = ("mean_acc", "var_acc", "scale_factor")
-        if len(blobs) != 3:
-            raise ValueError(f"{where}: BatchNorm needs 3 blobs, the caffemodel has {len(blobs)}")
-        for nm, b in zip(names, blobs, strict=True):
-            put(state, nm, _fit(b, state[nm].shape, where))
-        return params, state
-    names = _param_names(tag)
-    if not names:
-        if blobs:
-            raise ValueError(f"{where}: {len(blobs)} blobs in the caffemodel for a layer without")
-        return params, state
-    has_bias = len(blobs) > 1
-    if len(blobs) not in (1, 2) or (names[1] in params and not has_bias):
-        raise ValueError(f"{where}: {len(blobs)} blobs in the caffemodel do not fit the layer")
-    first_name = names[0]
-    if first_name in params:
-        shape = params[first_name].shape
-        if tag == "conv":
-            # Convolution (out, in/g, kh, kw); Deconvolution (in, out/g, kh, kw): both -> HWIO
-            kh, kw, ci, co = shape
-            value = _fit(blobs[0], (co, ci, kh, kw), where).transpose(2, 3, 1, 0)
-        elif isinstance(tag, tuple) and not tag[1]:  # InnerProduct: Caffe (out, K) -> (K, out)
-            value = _fit(blobs[0], shape[::-1], where).T
-        else:  # transposed InnerProduct, the catalogue's InnerProduct, Scale: as stored
-            value = _fit(blobs[0], shape, where)
-        put(params, first_name, value)
-    if has_bias and names[1] in params:
-        put(params, names[1], _fit(blobs[1], params[names[1]].shape, where))
-    return params, state
 
 
 # ----------------------------------------------------------------------------- V1 upgrade
@@ -497,21 +185,6 @@ def upgrade_v1(net: dict) -> dict:
 # ----------------------------------------------------------------------------- load_net
 
 
-def _input_shapes(net: dict) -> dict:
-    names = net.get("input", [])
-    shapes = [tuple(int(d) for d in s.get("dim", [])) for s in net.get("input_shape", [])]
-    dims = [int(d) for d in net.get("input_dim", [])]
-    if names and not shapes:
-        if len(dims) != 4 * len(names):
-            raise ValueError(
-                f"prototxt: {len(names)} inputs need 4 input_dim each, got {len(dims)}"
-            )
-        shapes = [tuple(dims[4 * i : 4 * i + 4]) for i in range(len(names))]
-    if len(shapes) != len(names):
-        raise ValueError(f"prototxt: {len(names)} inputs but {len(shapes)} input shapes")
-    return dict(zip(names, shapes, strict=True))
-
-
 def load_net(
     prototxt,
     weights=None,
@@ -519,134 +192,278 @@ def load_net(
     phase: str = "test",
     stages=(),
     level: int = 0,
+    input_shapes: Mapping | None = None,
     key=None,
 ) -> CaffeNet:
     """A Caffe net from its prototxt (a path or the text), in fnlayers.
 
     Args:
       prototxt: a ``.prototxt`` path or its text: the current ``layer { }`` format or the
-        deprecated V1 ``layers { }`` one (upgraded as Caffe's ``UpgradeV1Net`` does).
+        deprecated V1 ``layers { }`` one (upgraded as Caffe's ``UpgradeV1Net`` does); a deploy
+        net or a train_test one, whose data layers' tops become the net's inputs.
       weights: None (params from the prototxt's fillers, drawn with ``key``), or a
         ``.caffemodel``: a path or its bytes. Layers are matched by name, as Caffe's
-        ``CopyTrainedLayersFrom``; caffemodel layers absent from the net are ignored. V1
-        caffemodels (``layers`` entries) are read too.
+        ``CopyTrainedLayersFrom``; caffemodel layers absent from the net are ignored; a
+        parameter shared by ``param { name }`` takes the blob of the last layer in the file
+        that holds it, as Caffe copies through the shared blob. V1 caffemodels (``layers``
+        entries) are read too.
       phase, stages, level: Caffe's NetState; layers are kept by their include/exclude rules.
+        A ``state { }`` block in the prototxt adds its stages to ``stages``; its phase and
+        level give way to the arguments (Caffe's ``Net(file, phase, level, stages)``).
+      input_shapes: ``{blob: Caffe shape}`` (NCHW) for net inputs whose shape the prototxt
+        does not give: a Data layer's images, an HDF5Data layer's datasets (a label's shape
+        ``(batch_size,)`` is read from the prototxt where it says, as is an ImageData layer's
+        ``new_height``/``new_width``/``crop_size``, a MemoryData or DummyData shape and an
+        ``Input`` shape); a shape given here also replaces the prototxt's.
       key: the PRNG key for the fillers (default ``jax.random.key(0)``).
 
     Returns:
-      A :class:`CaffeNet`.
+      A :class:`CaffeNet`. Its params are initialised for the inputs' Caffe shapes (their batch
+      size too); ``model.apply`` takes any batch size.
 
     Raises:
-      ValueError: an unsupported layer type (naming the layer and type), no input, a
-        caffemodel blob that does not fit, V1 ``layers`` mixed with ``layer``.
+      ValueError: an unsupported layer type (naming the layer and type), a bad layer
+        parameter (naming the layer, its type and the field), an input whose shape is neither
+        in the prototxt nor in ``input_shapes`` (naming the layer, its type and the top), no
+        input at all, a caffemodel blob that does not fit, V1 ``layers`` mixed with ``layer``.
     """
     if phase not in _PHASES:
         raise ValueError(f"load_net: phase={phase!r} must be 'train' or 'test'")
+    if isinstance(stages, str):
+        raise ValueError(f"load_net: stages={stages!r} must be a sequence of stage names")
     net = upgrade_v1(parse(_read_text(prototxt)))
-    caffe_phase = _PHASES[phase]
-    stages = tuple(stages)
-    inputs = _input_shapes(net)
-    nodes, tags, types = [], {}, {}
-    shared: dict[str, list] = {}
+    stages = (*first(net, "state", {}).get("stage", []), *stages)
+    plan = _Plan()
+    plan.add_legacy_inputs(net)
     for layer in net.get("layer", []):
-        if not _included(layer, caffe_phase, stages, level):
-            continue
-        name, kind = first(layer, "name"), first(layer, "type")
-        tops = tuple(layer.get("top", []))
-        bottoms = tuple(layer.get("bottom", []))
-        if kind == "Input":
-            p = first(layer, "input_param", {})
-            shapes = [tuple(int(d) for d in s.get("dim", [])) for s in p.get("shape", [])]
-            if len(shapes) == 1:
-                shapes = shapes * len(tops)
-            if len(shapes) != len(tops):
-                raise ValueError(
-                    f"Caffe layer {name!r} (Input): {len(tops)} tops, {len(shapes)} shapes"
-                )
-            inputs.update(zip(tops, shapes, strict=True))
-            types[name] = kind
-            continue
-        fl_layer, tag = _build(layer)
-        types[name] = kind
-        tags[name] = tag
-        for spec, pname in zip(layer.get("param", []), _param_names(tag), strict=False):
-            label = first(spec, "name")
-            if label:
-                shared.setdefault(label, []).append((name, pname))
-        many_in = len(bottoms) > 1 or kind in ("Concat", "Eltwise")
-        many_out = len(tops) > 1 or kind in ("Split", "Slice")
-        nodes.append((fl_layer, bottoms if many_in else bottoms[0], tops if many_out else tops[0]))
+        if _included(layer, _PHASES[phase], stages, level):
+            plan.add(layer)
+    inputs = plan.input_shapes(input_shapes)
     if not inputs:
-        raise ValueError("load_net: the prototxt declares no input (input/input_shape or Input)")
+        raise ValueError(
+            "load_net: the prototxt declares no input (input/input_shape, Input or a data layer)"
+        )
+    outputs = tuple(sorted(plan.available))  # Caffe collects them in a std::set
+    returned = outputs + tuple(t for t in plan.loss_weights if t not in outputs)
     names = tuple(inputs)
-    shared = {label: paths for label, paths in shared.items() if len(paths) > 1}
     model = graph(
         names if len(names) > 1 else names[0],
-        nodes,
-        shared_params=shared or None,
+        plan.nodes,
+        outputs=returned,
+        shared_params=plan.shared_groups() or None,
         name=first(net, "name"),
     )
-    shapes = {n: _from_caffe_shape((-1, *s[1:])) if len(s) else s for n, s in inputs.items()}
-    in_shape = shapes if len(names) > 1 else shapes[names[0]]
+    shapes = {n: _from_caffe_shape(s) for n, s in inputs.items()}
     key = jax.random.key(0) if key is None else key
-    out_shapes, params, state = model.init(key, in_shape)
+    _, params, state = model.init(key, shapes if len(names) > 1 else shapes[names[0]])
+    shared = plan.shared_owners()
     if weights is not None:
-        if isinstance(weights, bytes | bytearray | memoryview):
-            buf = bytes(weights)
-        else:
-            with open(weights, "rb") as f:
-                buf = f.read()
-        _, stored = wire.read_net(buf)
+        _, stored = wire.read_net(_read_bytes(weights))
         for entry in stored:
-            if entry.name not in tags:
-                continue
-            where = f"Caffe layer {entry.name!r} ({types[entry.name]})"
-            params[entry.name], state[entry.name] = _load_blobs(
-                tags[entry.name], entry.blobs, params[entry.name], state[entry.name], where
-            )
+            if entry.name in plan.types:
+                where = f"Caffe layer {entry.name!r} ({plan.types[entry.name]})"
+                spec = plan.blobs.get(entry.name, Blobs())
+                _load_blobs(spec, entry.name, entry.blobs, params, state, shared, where)
     return CaffeNet(
         name=first(net, "name"),
         model=model,
         params=params,
         state=state,
-        inputs=dict(inputs),
-        outputs=tuple(out_shapes),
-        layer_types=types,
+        inputs=inputs,
+        outputs=outputs,
+        layer_types=plan.types,
+        loss_weights=plan.loss_weights,
+        data_layers=plan.data_layers,
         definition=net,
-        _tags=tags,
-        _shared={path: paths[0] for paths in shared.values() for path in paths[1:]},
+        _blobs=plan.blobs,
+        _shared=shared,
     )
+
+
+class _Plan:
+    """The graph of a filtered net, layer by layer: the nodes, the inputs with the layers that
+    declare them, and what Caffe's ``Net::Init`` tracks (the tops no later layer reads, the
+    loss weights, the parameters shared by name)."""
+
+    def __init__(self):
+        self.declared: dict[str, tuple | None] = {}  # input blob -> Caffe shape, if known
+        self.origin: dict[str, tuple[str, str]] = {}  # input blob -> (layer name, type)
+        self.nodes: list = []
+        self.blobs: dict[str, Blobs] = {}
+        self.types: dict[str, str] = {}
+        self.data_layers: dict[str, dict] = {}
+        self.loss_weights: dict[str, float] = {}
+        self.shared: dict[str, list[tuple[str, str]]] = {}  # label -> [(layer, leaf)]
+        self.available: set[str] = set()  # Caffe's available_blobs: the outputs so far
+
+    def add_legacy_inputs(self, net: dict) -> None:
+        names = net.get("input", [])
+        shapes = [tuple(int(d) for d in s.get("dim", [])) for s in net.get("input_shape", [])]
+        dims = [int(d) for d in net.get("input_dim", [])]
+        if names and not shapes:
+            if len(dims) != 4 * len(names):
+                raise ValueError(
+                    f"prototxt: {len(names)} inputs need 4 input_dim each, got {len(dims)}"
+                )
+            shapes = [tuple(dims[4 * i : 4 * i + 4]) for i in range(len(names))]
+        if len(shapes) != len(names):
+            raise ValueError(f"prototxt: {len(names)} inputs but {len(shapes)} input shapes")
+        for top, shape in zip(names, shapes, strict=True):
+            self._add_input(top, shape, ("input", "input"))
+
+    def add(self, layer: dict) -> None:
+        name, kind = first(layer, "name"), first(layer, "type")
+        if name in self.types:
+            raise ValueError(f"Caffe layer {name!r}: two layers of the phase have this name")
+        self.types[name] = kind
+        if kind in DATA_TYPES:
+            for top, shape in data_top_shapes(layer).items():
+                self._add_input(top, shape, (name, kind))
+            if kind != "Input":
+                self.data_layers[name] = layer
+            return
+        built = build_layer(layer)
+        bottoms, tops = tuple(layer.get("bottom", [])), tuple(layer.get("top", []))
+        if kind == "Silence":
+            node_tops = (f"{name} (silenced)",)  # no blob; the graph needs a name for None
+        elif not tops and kind.endswith("Loss"):
+            node_tops = (f"{name} (automatic)",)  # Caffe's anonymous top of a loss layer
+        else:
+            node_tops = tops
+        for top, weight in zip(node_tops, loss_weights(layer, node_tops), strict=True):
+            if weight:
+                self.loss_weights[top] = weight
+        self.available.difference_update(bottoms)
+        self.available.update(tops)
+        self.blobs[name] = built.blobs
+        if built.blobs.tree == "params":
+            for spec, leaf in zip(layer.get("param", []), built.blobs.names, strict=False):
+                label = first(spec, "name")
+                if label:
+                    self.shared.setdefault(label, []).append((name, leaf))
+        many_in = len(bottoms) > 1 or kind in ("Concat", "Eltwise", "Silence")
+        many_out = len(node_tops) > 1 or kind in ("Split", "Slice")
+        self.nodes.append(
+            (
+                built.layer,
+                bottoms if many_in else bottoms[0],
+                node_tops if many_out else node_tops[0],
+            )
+        )
+
+    def _add_input(self, top: str, shape, origin: tuple[str, str]) -> None:
+        if top in self.declared:
+            raise ValueError(
+                f"Caffe layer {origin[0]!r} ({origin[1]}): top {top!r} is already an input, "
+                f"declared by {self.origin[top][0]!r}"
+            )
+        self.declared[top], self.origin[top] = shape, origin
+        self.available.add(top)
+
+    def input_shapes(self, given: Mapping | None) -> dict[str, tuple[int, ...]]:
+        """Each input's Caffe shape: ``given``'s, else the prototxt's."""
+        given = {} if given is None else given
+        if not isinstance(given, Mapping):
+            raise ValueError(
+                f"load_net: input_shapes={given!r} must be a dict {{blob: Caffe shape}}"
+            )
+        for top, shape in given.items():
+            if top not in self.declared:
+                raise ValueError(
+                    f"load_net: input_shapes names {top!r}, which is not an input of the net "
+                    f"(inputs: {list(self.declared)})"
+                )
+            ok = isinstance(shape, tuple | list) and len(shape) > 0
+            if not ok or not all(is_int(d) and (d > 0 or (i == 0 and d == -1))
+                                 for i, d in enumerate(shape)):  # fmt: skip
+                raise ValueError(
+                    f"load_net: input_shapes[{top!r}]={shape!r} must be a Caffe shape: positive "
+                    "ints (the batch may be -1), NCHW for images"
+                )
+        shapes = {}
+        for top, declared in self.declared.items():
+            shape = given.get(top, declared)
+            if shape is None:
+                layer, kind = self.origin[top]
+                raise ValueError(
+                    f"Caffe layer {layer!r} ({kind}): the prototxt does not give the shape of "
+                    f"its top {top!r}; pass load_net(..., input_shapes={{{top!r}: (N, C, H, W)}})"
+                    " with its Caffe shape"
+                )
+            shapes[top] = tuple(int(d) for d in shape)
+        return shapes
+
+    def shared_groups(self) -> dict[str, list[tuple[str, str]]]:
+        """``graph``'s ``shared_params``: the labels more than one layer uses."""
+        return {label: paths for label, paths in self.shared.items() if len(paths) > 1}
+
+    def shared_owners(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """``{(layer, leaf): (owner layer, owner leaf)}`` for every reader of a shared leaf."""
+        return {path: paths[0] for paths in self.shared_groups().values() for path in paths[1:]}
+
+
+def _read_bytes(weights) -> bytes:
+    if isinstance(weights, bytes | bytearray | memoryview):
+        return bytes(weights)
+    with open(weights, "rb") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _load_blobs(spec: Blobs, name: str, blobs, params, state, shared, where: str) -> None:
+    """Puts one caffemodel layer's blobs into ``params``/``state`` (their ``name`` entries
+    replaced). A leaf shared with an earlier layer is written where it is stored, the owner's
+    entry: Caffe copies each layer's blobs in turn through the one shared blob."""
+    if len(blobs) != len(spec.names):
+        expected = ", ".join(spec.names) or "none"
+        raise ValueError(
+            f"{where}: the caffemodel has {len(blobs)} blobs, the layer has {len(spec.names)} "
+            f"({expected})"
+        )
+    tree = state if spec.tree == "state" else params
+    for i, (leaf, blob) in enumerate(zip(spec.names, blobs, strict=True)):
+        node, key = shared.get((name, leaf), (name, leaf))
+        old = tree[node][key]
+        value = _from_caffe(blob, spec.layout if i == 0 else "as_stored", old.shape, where)
+        tree[node] = {**tree[node], key: jnp.asarray(value, dtype=old.dtype)}
+
+
+def _from_caffe(blob: np.ndarray, layout: str, shape, where: str) -> np.ndarray:
+    """A Caffe blob in fnlayers' layout of ``shape`` (Caffe's legacy 4-D blob shapes read by
+    their element count)."""
+    if layout == "conv":  # Caffe (out, in/g, kh, kw), Deconvolution (in, out/g, kh, kw)
+        kh, kw, ci, co = shape
+        return _fit(blob, (co, ci, kh, kw), where).transpose(2, 3, 1, 0)
+    if layout == "dense":  # Caffe (out, K)
+        return _fit(blob, tuple(shape)[::-1], where).T
+    return _fit(blob, shape, where)
+
+
+def _to_caffe(value: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "conv":
+        return value.transpose(3, 2, 0, 1)  # HWIO -> (out, in/g, kh, kw)
+    if layout == "dense":
+        return value.T  # (K, out) -> (out, K); K already in Caffe's (C, H, W) order
+    return value
+
+
+def _fit(blob: np.ndarray, shape, where: str) -> np.ndarray:
+    if blob.size != math.prod(shape):
+        raise ValueError(f"{where}: the caffemodel blob of shape {blob.shape} does not fit {shape}")
+    return blob.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def _layer_blobs(tag, name, params, state, shared) -> list:
-    """Caffe's blobs of one layer (the inverse of :func:`_load_blobs`)."""
-    if tag == "batch_norm":
-        return [np.asarray(state[name][k]) for k in ("mean_acc", "var_acc", "scale_factor")]
-    blobs = []
-    for i, pname in enumerate(_param_names(tag)):
-        if pname in params[name]:
-            value = params[name][pname]
-        elif (name, pname) in shared:  # shared: the owner's value, as Caffe's blobs hold it
-            owner, owner_pname = shared[(name, pname)]
-            value = params[owner][owner_pname]
-        else:  # no bias term
-            continue
-        value = np.asarray(value, np.float32)
-        if i == 0 and tag == "conv":
-            value = value.transpose(3, 2, 0, 1)  # HWIO -> Caffe's (out, in/g, kh, kw)
-        elif i == 0 and isinstance(tag, tuple) and not tag[1]:
-            value = value.T  # (K, out) -> Caffe's (out, K); K already in (C, H, W) order
-        blobs.append(value)
-    return blobs
-
-
 def save_caffemodel(path, net: CaffeNet, params=None, state=None) -> bytes:
     """Write ``net``'s weights as a binary ``.caffemodel`` (a NetParameter of ``layer`` entries
     with name, type and blobs: Caffe's layouts, the inverse of :func:`load_net`'s), so that
-    ``load_net(prototxt, path)`` gives ``params`` and ``state`` back exactly.
+    ``load_net(prototxt, path)`` gives ``params`` and ``state`` back exactly. Every layer of
+    the phase is written, data layers and parameter-free ones with no blobs, a shared
+    parameter under each layer that uses it, as Caffe writes them.
 
     Args:
       path: a file to write, or None (only return the bytes).
@@ -661,8 +478,14 @@ def save_caffemodel(path, net: CaffeNet, params=None, state=None) -> bytes:
     state = net.state if state is None else state
     layers = []
     for name, kind in net.layer_types.items():
-        tag = net._tags.get(name)
-        layers.append((name, kind, _layer_blobs(tag, name, params, state, net._shared)))
+        spec = net._blobs.get(name, Blobs())
+        tree = state if spec.tree == "state" else params
+        blobs = []
+        for i, leaf in enumerate(spec.names):
+            node, key = net._shared.get((name, leaf), (name, leaf))
+            value = np.asarray(tree[node][key], np.float32)
+            blobs.append(_to_caffe(value, spec.layout if i == 0 else "as_stored"))
+        layers.append((name, kind, blobs))
     buf = wire.write_net(net.name, layers)
     if path is not None:
         with open(path, "wb") as f:
