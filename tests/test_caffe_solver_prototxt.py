@@ -85,7 +85,7 @@ def test_reference_solver_files(name):
     # paths stay as written: Caffe reads them from the current directory
     (test,) = s.test_nets()
     assert (test.prototxt, test.test_iter, test.state) == (s.net, s.test_iter[0], NetState())
-    assert s.train_net_prototxt() == s.net
+    assert s.train_net_path() == s.net
     assert s.path == str(DATA / f"{name}.prototxt")
 
 
@@ -265,7 +265,9 @@ def test_every_other_field_and_the_nets():
         4,
         "train",
     )
-    assert s.train_net_prototxt() == "train.prototxt"
+    assert s.train_net_path() == "train.prototxt"
+    assert s.test_net_paths() == (inline.prototxt, "a.prototxt")
+    assert s.test_states() == s.test_state
 
 
 def test_inline_net_param_loads_as_a_net_in_each_phase():
@@ -279,7 +281,7 @@ def test_inline_net_param_loads_as_a_net_in_each_phase():
         }
         """
     )
-    train = load_net(s.train_net_prototxt(), **s.train_state.load_net_args())
+    train = load_net(s.train_net_path(), **s.train_state.load_net_args())
     assert train.layer_types == {"x": "Input", "r": "ReLU"}
     tests = s.test_nets()  # one generic net instance per test_iter
     assert [(t.test_iter, t.source) for t in tests] == [(2, "net_param"), (5, "net_param")]

@@ -32,6 +32,8 @@ encoded Datum is decoded as stored (grey stays one channel, an alpha channel is 
 BGRA). ``new_height``/``new_width`` resize with OpenCV's ``INTER_LINEAR`` sampling (pixel
 centres ``(i + 0.5) * in / out - 0.5``, edge pixels repeated, no antialiasing), rounded to uint8;
 OpenCV uses 11-bit fixed-point weights, so a pixel may differ from Caffe's by one grey level.
+PNG decodes exactly; JPEG decoders differ in their rounding, so a JPEG's pixels may differ from
+OpenCV's by a few levels.
 
 Optional dependencies (``pip install 'fnlayers[caffe]'``): h5py (``HDF5Data``), lmdb
 (``Data``), Pillow (encoded images and ``ImageData``).
@@ -139,7 +141,9 @@ class DataSource:
         for arrays in self._reader.batches(*self._rngs()):
             yield {top: _layout(a) for top, a in zip(self.tops, arrays, strict=True)}
 
-    def pairs(self, x: str | tuple[str, ...] | None = None, y: str | None = None):
+    def pairs(
+        self, x: str | tuple[str, ...] | None = None, y: str | None = None
+    ) -> Iterator[tuple]:
         """Batches as ``(x, y)`` pairs, the form :func:`fnlayers.fit` takes as ``train_data``
         (pass ``iterations=``: the source never runs out).
 
@@ -156,6 +160,9 @@ class DataSource:
         for top in (*(x if isinstance(x, tuple) else (x,)), y):
             if top not in self.tops:
                 raise ValueError(f"DataSource.pairs: {top!r} is not a top of {self.name!r}")
+        return self._pairs(x, y)
+
+    def _pairs(self, x, y):
         for batch in self:
             xs = tuple(batch[t] for t in x) if isinstance(x, tuple) else batch[x]
             yield xs, batch[y]

@@ -201,9 +201,10 @@ class CaffeSolver:
             iter_size=self.iter_size,
         )
 
-    def train_net_prototxt(self) -> str:
-        """The train net for :func:`fnlayers.caffe.load_net`: its path, or the text of the
-        inline ``NetParameter``; load it with ``**solver.train_state.load_net_args()``."""
+    def train_net_path(self) -> str:
+        """The train net for :func:`fnlayers.caffe.load_net`: its path (as written: relative to
+        the current directory), or the text of an inline ``NetParameter``; load it with
+        ``**solver.train_state.load_net_args()``."""
         if self.train_net_param is not None:
             return to_text(self.train_net_param)
         if self.train_net is not None:
@@ -211,6 +212,14 @@ class CaffeSolver:
         if self.net_param is not None:
             return to_text(self.net_param)
         return self.net
+
+    def test_net_paths(self) -> tuple[str, ...]:
+        """Each test net's path or inline text, in :meth:`test_nets`' order."""
+        return tuple(t.prototxt for t in self.test_nets())
+
+    def test_states(self) -> tuple[NetState, ...]:
+        """Each test net's :class:`NetState`, in :meth:`test_nets`' order."""
+        return tuple(t.state for t in self.test_nets())
 
     def test_nets(self) -> tuple[TestNet, ...]:
         """The test nets in Caffe's order: ``test_net_param`` s, then ``test_net`` files, then
@@ -236,7 +245,7 @@ def load_solver(path_or_text: str | os.PathLike) -> CaffeSolver:
       path_or_text: the solver file's path, or its text.
 
     Returns:
-      A :class:`CaffeSolver`: ``.optimizer()``, ``.schedule()``, ``.train_net_prototxt()``,
+      A :class:`CaffeSolver`: ``.optimizer()``, ``.schedule()``, ``.train_net_path()``,
       ``.test_nets()`` and the loop settings as fields.
 
     Raises:
