@@ -225,6 +225,28 @@ def test_adaptive_types_map_to_their_optim_factories(monkeypatch, type_, extra, 
     }  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("type_", "extra", "want"),
+    [
+        # first updates with w = 1, g = 2, base_lr 0.1, worked from Caffe's *_solver.cpp
+        # AdaGrad: h = g^2; w -= lr * g / (sqrt(h) + delta) = lr (delta negligible)
+        ("AdaGrad", "", 1 - 0.1),
+        # RMSProp: h = (1 - 0.99) g^2 = 0.04; w -= lr * g / (sqrt(h) + delta) = 0.1 * 2 / 0.2
+        ("RMSProp", "", 0.0),
+        # AdaDelta: h = 0.05 g^2 = 0.2; u = g * sqrt((0 + 1e-6) / (0.2 + 1e-6)); w -= lr * u
+        ("AdaDelta", "momentum: 0.95 delta: 1e-6", 1 - 0.1 * 2 * math.sqrt(1e-6 / 0.200001)),
+        # Adam: m = 0.1 g, v = 0.001 g^2, w -= lr * sqrt(1 - 0.999) / (1 - 0.9) * m / sqrt(v)
+        ("Adam", "momentum: 0.9", 1 - 0.1),
+    ],
+)
+def test_adaptive_solvers_first_update(type_, extra, want):
+    s = load_solver(f'net: "n" type: "{type_}" base_lr: 0.1 lr_policy: "fixed" {extra}')
+    opt = s.optimizer()
+    params = {"w": np.float32([1.0])}
+    new, _ = opt.update({"w": np.float32([2.0])}, opt.init(params), params)
+    np.testing.assert_allclose(new["w"], [want], rtol=1e-5, atol=1e-6)
+
+
 def test_every_other_field_and_the_nets():
     text = """
     train_net: "train.prototxt"
