@@ -3,6 +3,12 @@ or any iterable of ``(x, y)`` batches, placed on the mesh when there is one.
 
 Both sources yield ``(iteration, x_batch, y_batch, exhausted)`` from a start iteration, so a
 resumed run reads exactly the batches the uninterrupted run would have read.
+
+With Caffe's ``iter_size`` k > 1 an iteration reads k micro-batches of ``batch_size`` and yields
+them stacked, every leaf ``(k, batch_size, ...)``, split over the mesh along axis 1. From arrays,
+they are the k slices of one batch of ``k * batch_size`` (so the data order is that of
+``iter_size=1`` with the larger batch); from an iterable, k consecutive batches. Augmentation
+sees the iteration's ``k * batch_size`` examples as one batch.
 """
 
 from __future__ import annotations
@@ -12,22 +18,33 @@ from collections.abc import Iterable, Mapping, Sized
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fnlayers import data as _data
 from fnlayers._checks import is_int
 
-__all__ = ["ArraySource", "StreamSource", "batch_source", "input_shape", "num_examples", "take"]
+__all__ = [
+    "ArraySource",
+    "StreamSource",
+    "batch_source",
+    "input_shape",
+    "micro_sharding",
+    "num_examples",
+    "shard_micro",
+    "take",
+]
 
 
-def batch_source(train_data, batch_size, seed, augment, dp):
+def batch_source(train_data, batch_size, seed, augment, dp, iter_size=1):
     if (
         isinstance(train_data, tuple | list)
         and len(train_data) == 2
         and hasattr(train_data[1], "shape")
     ):
-        return ArraySource(train_data[0], train_data[1], batch_size, seed, augment, dp)
+        return ArraySource(train_data[0], train_data[1], batch_size, seed, augment, dp, iter_size)
     if isinstance(train_data, Iterable) and not isinstance(train_data, str | bytes | Mapping):
-        return StreamSource(train_data, batch_size, seed, augment, dp)
+        return StreamSource(train_data, batch_size, seed, augment, dp, iter_size)
     raise ValueError(
         "fit: train_data must be a pair (x, y) of arrays or an iterable of (x, y) batches, got "
         f"{type(train_data).__name__}"
@@ -35,44 +52,52 @@ def batch_source(train_data, batch_size, seed, augment, dp):
 
 
 class ArraySource:
-    """Batches drawn from whole arrays: iteration ``i`` reads batch ``i % steps_per_epoch`` of
-    the permutation of epoch ``i // steps_per_epoch``."""
+    """Batches drawn from whole arrays: iteration ``i`` reads batch ``i % steps_per_epoch`` (of
+    ``iter_size * batch_size`` examples) of the permutation of epoch ``i // steps_per_epoch``."""
 
-    def __init__(self, x, y, batch_size, seed, augment, dp):
+    def __init__(self, x, y, batch_size, seed, augment, dp, iter_size=1):
         n = num_examples(x, y, "train_data")
         if not is_int(batch_size) or not 0 < batch_size <= n:
             raise ValueError(f"fit: batch_size={batch_size!r} must be an int in [1, {n}]")
+        if batch_size * iter_size > n:
+            raise ValueError(
+                f"fit: batch_size={batch_size} times the optimizer's iter_size={iter_size} "
+                f"must be at most the {n} training examples (one iteration reads "
+                f"{batch_size * iter_size})"
+            )
         if dp is not None:
             dp.check_batch_size(batch_size, fn="fit")
         self.arrays, self.n, self.batch_size = (x, y), n, batch_size
-        self.seed, self.augment, self.dp = seed, augment, dp
-        self.steps_per_epoch = n // batch_size
+        self.seed, self.augment, self.dp, self.iter_size = seed, augment, dp, iter_size
+        self.steps_per_epoch = n // (batch_size * iter_size)
         self.input_shape = input_shape(x)
 
     def batches(self, start, end):
         """Yields ``(iteration, x_batch, y_batch, exhausted)`` for ``start <= iteration < end``;
         ``exhausted`` is always False (arrays never run out)."""
         x, y = self.arrays
+        k, size = self.iter_size, self.batch_size * self.iter_size
         rows = slice(None) if self.dp is None else self.dp.local_rows(self.batch_size)
         perm_epoch, perm = -1, None
         for it in range(start, end):
             epoch, b = divmod(it, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = _data.epoch_order(self.n, seed=self.seed, epoch=epoch), epoch
-            idx = perm[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = perm[b * size : (b + 1) * size]
             if self.augment is None:
-                batch = take((x, y), idx[rows])
+                batch = take((x, y), _local(idx, k, rows))
             else:  # the whole global batch, so that every process augments it alike
                 xb, yb = self.augment(*take((x, y), idx), _augment_rng(self.seed, it, None))
-                batch = jax.tree.map(lambda a: np.asarray(a)[rows], (xb, yb))
-            yield it, *_place_local(self.dp, batch), False
+                batch = jax.tree.map(lambda a: _local(np.asarray(a), k, rows), (xb, yb))
+            yield it, *_place_local(self.dp, batch, k), False
 
 
 class StreamSource:
-    """Batches read from an iterable, one per iteration (see :func:`fit`)."""
+    """Batches read from an iterable, ``iter_size`` per iteration (see :func:`fit`)."""
 
-    def __init__(self, data, batch_size, seed, augment, dp):
+    def __init__(self, data, batch_size, seed, augment, dp, iter_size=1):
         self.data, self.seed, self.augment, self.dp = data, seed, augment, dp
+        self.iter_size = iter_size
         self._it = iter(data)
         self.reiterable = self._it is not data
         first = next(self._it, None)
@@ -88,14 +113,14 @@ class StreamSource:
             )
         if dp is not None:
             dp.check_batch_size(self.batch_size, fn="fit", name="the batch size")
-        self.steps_per_epoch = len(data) if isinstance(data, Sized) else None
+        self.steps_per_epoch = len(data) // iter_size if isinstance(data, Sized) else None
         self.input_shape = input_shape(self._first[0])
         self.arrays = None
 
     def batches(self, start, end):
         """Yields ``(iteration, x_batch, y_batch, exhausted)``; ``exhausted`` is True for the
         last batch of a one-shot iterator that runs out before ``end``."""
-        raw = self._raw()
+        raw = self._groups()
         for _ in range(start):
             if next(raw, None) is None:
                 return
@@ -114,8 +139,22 @@ class StreamSource:
                     stacklevel=3,
                 )
             if self.augment is not None:
-                batch = self.augment(*batch, _augment_rng(self.seed, it, jax.process_index()))
-            yield it, *_place_local(self.dp, batch), exhausted
+                rng = _augment_rng(self.seed, it, jax.process_index())
+                batch = _augment_stacked(self.augment, batch, rng, self.iter_size)
+            yield it, *_place_local(self.dp, batch, self.iter_size), exhausted
+
+    def _groups(self):
+        """Each iteration's host batch: one batch, or ``iter_size`` consecutive ones stacked
+        (an incomplete group at the end of a one-shot iterator is dropped)."""
+        raw = self._raw()
+        if self.iter_size == 1:
+            yield from raw
+            return
+        while True:
+            group = [b for _, b in zip(range(self.iter_size), raw, strict=False)]
+            if len(group) < self.iter_size:
+                return
+            yield jax.tree.map(lambda *parts: np.stack(parts), *group)
 
     def _raw(self):
         """Full-size host batches, passes repeated while the iterable can be iterated again."""
@@ -159,10 +198,58 @@ def _augment_rng(seed, iteration, process):
     return np.random.default_rng(entropy)
 
 
-def _place_local(dp, batch):
+def _local(a, k, rows):
+    """``a`` (one batch of ``k * B`` along axis 0) as ``k`` micro-batches of ``B`` when ``k`` > 1,
+    and this process's ``rows`` of each."""
+    if k == 1:
+        return a[rows]
+    return a.reshape(k, a.shape[0] // k, *a.shape[1:])[:, rows]
+
+
+def _augment_stacked(augment, batch, rng, k):
+    """``augment`` on an iteration's examples as one batch, micro-batches stacked back."""
+    if k == 1:
+        return augment(*batch, rng)
+    merged = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), batch)
+    out = augment(*merged, rng)
+    return jax.tree.map(lambda a: _local(np.asarray(a), k, slice(None)), tuple(out))
+
+
+def _place_local(dp, batch, k=1):
     """A host batch (this process's rows) as the step's input: as is on one device, a global
-    array split over the mesh with one."""
-    return batch if dp is None else dp.shard_local(batch)
+    array split over the mesh with one (micro-batches stacked by ``iter_size`` k > 1 along
+    axis 1)."""
+    if dp is None:
+        return batch
+    if k == 1:
+        return dp.shard_local(batch)
+    sharding = micro_sharding(dp)
+
+    def place(a):
+        a = np.asarray(a)
+        shape = (a.shape[0], a.shape[1] * jax.process_count(), *a.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, a, shape)
+
+    return jax.tree.map(place, batch)
+
+
+def micro_sharding(dp) -> NamedSharding:
+    """Micro-batches stacked ``(iter_size, batch, ...)``: each split over the data axis."""
+    return NamedSharding(dp.mesh, P(None, dp.axis))
+
+
+def shard_micro(dp, tree):
+    """Stacked global micro-batches (the same in every process) split along axis 1, as
+    ``dp.shard`` splits a batch along axis 0."""
+    sharding = micro_sharding(dp)
+
+    def place(a):
+        if isinstance(a, jax.Array) and a.sharding == sharding:
+            return a
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(place, tree)
 
 
 def num_examples(x, y, name) -> int:

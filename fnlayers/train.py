@@ -17,6 +17,11 @@ steps_per_epoch`` of the permutation of epoch ``i // steps_per_epoch``. Together
 and the optimizer's iteration counter stored in the checkpoint, a run resumed from iteration
 ``k`` computes exactly what the uninterrupted run computed.
 
+Gradient accumulation (Caffe's ``iter_size``, §9): with an optimizer whose ``iter_size`` is k > 1
+one iteration is one update from k micro-batches: the step runs them in order inside the same
+compiled program (a ``lax.scan``), sums their gradients and hands the sum to the optimizer, which
+clips it and divides it by k; the loss and metrics are the means over the micro-batches.
+
 Data parallelism: ``make_train_step``, ``make_eval_step``, ``predict`` and ``fit`` take a
 ``mesh`` (:mod:`fnlayers.distributed`); the global batch is split over the mesh's ``"data"``
 axis and the step is the single-device step on that batch, partitioned by XLA. ``fit`` also
@@ -32,7 +37,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -190,17 +197,28 @@ def make_train_step(
       optimizer: an :class:`fnlayers.optim.Optimizer` (``fl.optim.sgd(...)``, or an optax
         transformation wrapped by ``fl.optim.from_optax(tx)``): ``update(grads, opt_state,
         params) -> (params, opt_state)``; its ``learning_rate_at`` gives the ``lr`` metric.
-      metrics: extra ``name -> fn(outputs, y)`` computed on the training batch.
+        An optimizer with ``iter_size`` k > 1 (``fl.optim.sgd(..., iter_size=k)``, Caffe's
+        gradient accumulation) makes the step take ``x`` and ``y`` stacked as k micro-batches,
+        every leaf ``(k, batch, ...)`` (any other leading axis is a ValueError): it runs them in
+        order, threading the model state (batch norm statistics) through them, each with its
+        own PRNG key split from the step's key, and hands the **sum** of their gradients to the
+        optimizer, which clips the sum and divides it by k (Caffe's order). An optimizer
+        without ``iter_size`` (``from_optax``) counts as 1: one plain batch per step.
+      metrics: extra ``name -> fn(outputs, y)`` computed on the training batch (with
+        ``iter_size`` k > 1: the mean over the k micro-batches, as the loss is, Caffe's
+        ``loss /= iter_size``).
       donate: donate the incoming train state's buffers (they must not be used afterwards).
       grad_norms: also return ``metrics["grad_norm"]``, ``{layer: L2 norm of the layer's
-        gradient}`` (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only).
+        gradient}`` (:func:`fnlayers.diagnostics.grad_norms`; layers with parameters only; with
+        ``iter_size`` k, of the summed gradient divided by k).
       grad_finite: also return ``metrics["grad_finite"]``, ``{layer: bool scalar}`` for the
         layers with parameters: whether the layer's whole gradient is finite.
       mesh: None (one device), or a :class:`jax.sharding.Mesh` with an axis named
         ``data_axis``: every batch ``x, y`` (the global batch) is split along its first axis
         over that axis's devices, and the train state is replicated on every device
         (:mod:`fnlayers.distributed`). ``x`` and ``y`` may be host arrays (the whole batch, the
-        same in every process) or global ``jax.Array`` s already split that way. The step is
+        same in every process) or global ``jax.Array`` s already split that way (stacked
+        micro-batches: each one split, along axis 1). The step is
         the single-device step on the global batch, partitioned by XLA; the mesh changes only
         the order of floating-point sums.
       data_axis: the mesh axis the batch is split over. Inside the step the model runs with
@@ -227,6 +245,7 @@ def make_train_step(
             raise TypeError(f"{fn}: {name}={flag!r} must be a bool")
     check_choice(batch_norm, _dist.BATCH_NORM_MODES, fn=fn, name="batch_norm")
     optimizer = _optim.check_optimizer(optimizer, fn=fn)
+    iter_size = _iter_size(optimizer, fn)
     dp = _data_parallel(mesh, data_axis, fn)
     slices = dp.size if dp is not None and batch_norm == "per_device" else 1
     forward = _train_forward(model, data_axis, slices)
@@ -237,17 +256,26 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_and_outputs, has_aux=True)
 
+    def forward_backward(params, state, key, x, y):
+        (loss, (outputs, new_state)), grads = grad_fn(params, state, key, x, y)
+        values = {"loss": loss}
+        for name, metric in metrics.items():
+            values[name] = metric(outputs, y)
+        return values, new_state, grads
+
+    run = forward_backward if iter_size == 1 else _micro_batches(forward_backward, iter_size, fn)
+
     def step(ts: TrainState, x, y):
         key, step_key = jax.random.split(ts.key)
-        (loss, (outputs, new_state)), grads = grad_fn(ts.params, ts.state, step_key, x, y)
+        values, new_state, grads = run(ts.params, ts.state, step_key, x, y)
         params, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        out = {"loss": loss}
+        out = {"loss": values.pop("loss")}
         if optimizer.learning_rate_at is not None:
             out["lr"] = optimizer.learning_rate_at(ts.opt_state)
-        for name, metric in metrics.items():
-            out[name] = metric(outputs, y)
+        out.update(values)
         if grad_norms:
-            out[GRAD_NORM] = _diagnostics.grad_norms(model, grads)
+            mean = grads if iter_size == 1 else jax.tree.map(lambda g: g / iter_size, grads)
+            out[GRAD_NORM] = _diagnostics.grad_norms(model, mean)
         if grad_finite:
             out[GRAD_FINITE] = _diagnostics.finite(model, grads)
         return TrainState(params, new_state, opt_state, key), out
@@ -260,22 +288,28 @@ def make_train_step(
     if dp is None:
         return jitted
 
-    return _MeshStep(dp, jitted, fn)
+    return _MeshStep(dp, jitted, fn, iter_size)
 
 
 class _MeshStep:
     """A train step on a mesh: ``step(train_state, x, y)`` places its arguments (the train state
-    replicated, the batch split) and runs the compiled step in the mesh's context;
-    ``step.placed`` skips the placement, for callers whose arguments are placed already (``fit``:
-    the placement checks cost tens of microseconds a step, a tenth of a small GPU step)."""
+    replicated, the batch split; stacked micro-batches each split) and runs the compiled step in
+    the mesh's context; ``step.placed`` skips the placement, for callers whose arguments are
+    placed already (``fit``: the placement checks cost tens of microseconds a step, a tenth of a
+    small GPU step)."""
 
-    def __init__(self, dp, jitted, fn):
-        self.dp, self.jitted, self.fn = dp, jitted, fn
+    def __init__(self, dp, jitted, fn, iter_size=1):
+        self.dp, self.jitted, self.fn, self.iter_size = dp, jitted, fn, iter_size
 
     def __call__(self, ts: TrainState, x, y):
+        stacked = self.iter_size > 1
+        if stacked:
+            _check_stacked((x, y), self.iter_size, self.fn)
         for leaf in jax.tree.leaves((x, y)):
-            self.dp.check_batch_size(int(np.shape(leaf)[0]), fn=self.fn, name="the batch's size")
-        return self.placed(self.dp.replicate(ts), *self.dp.shard((x, y)))
+            size = int(np.shape(leaf)[int(stacked)])
+            self.dp.check_batch_size(size, fn=self.fn, name="the batch's size")
+        batch = _sources.shard_micro(self.dp, (x, y)) if stacked else self.dp.shard((x, y))
+        return self.placed(self.dp.replicate(ts), *batch)
 
     def placed(self, ts: TrainState, x, y):
         with self.dp.context():
@@ -384,11 +418,19 @@ def fit(
         skipped, so a resumed run continues exactly when the iterable yields the same batches
         again. In a multi-process run each process's iterable yields its own rows of each
         global batch (``batch_size / jax.process_count()`` of them).
-      batch_size: examples per step: the global batch, split over the mesh's devices (and
-        processes) when there is a mesh. Required for arrays; for an iterable it is implied by
-        its first batch (and checked if given).
+      batch_size: examples per forward/backward pass: the global batch, split over the mesh's
+        devices (and processes) when there is a mesh. Required for arrays; for an iterable it
+        is implied by its first batch (and checked if given). With an optimizer whose
+        ``iter_size`` is k > 1 (Caffe's gradient accumulation) it is the micro-batch: every
+        iteration (one update) reads k batches of ``batch_size``, from arrays the k slices of
+        one batch of ``k * batch_size`` (so the data order, the epochs and, for a model without
+        batch statistics or dropout, the training are those of ``batch_size=k * batch_size``
+        with ``iter_size=1``), from an iterable k consecutive batches; ``augment`` sees the k
+        batches as one. See :func:`make_train_step` for the step.
       iterations / epochs: how long to train (exactly one of them; ``epochs`` needs arrays or
-        an iterable with a ``len()``).
+        an iterable with a ``len()``). An iteration is one update, whatever ``iter_size``; an
+        epoch is ``len(x) // (iter_size * batch_size)`` iterations (``len(train_data) //
+        iter_size`` for an iterable).
       train_state: where to start; by default a fresh one from ``key`` (default
         ``jax.random.key(seed)``) and the shape of ``x``.
       eval_data: optional ``(x, y)`` arrays evaluated every ``eval_every`` iterations (default:
@@ -433,8 +475,9 @@ def fit(
         the one before), or says that every gradient stayed finite.
     """
     optimizer = _optim.check_optimizer(optimizer, fn="fit")
+    iter_size = _iter_size(optimizer, "fit")
     dp = _data_parallel(mesh, data_axis, "fit")
-    source = _sources.batch_source(train_data, batch_size, seed, augment, dp)
+    source = _sources.batch_source(train_data, batch_size, seed, augment, dp, iter_size)
     total = _run_length(iterations, epochs, source.steps_per_epoch)
     eval_every = eval_every or source.steps_per_epoch or total
     checkpoint_every = checkpoint_every or eval_every
@@ -482,7 +525,7 @@ def fit(
             previous = (it, flags)
             norms = _to_host(dp, out.pop(GRAD_NORM, {}))
             done = it + 1
-            recorder.add_step(done, out, source.batch_size, norms)
+            recorder.add_step(done, out, source.batch_size * iter_size, norms)
             if done % log_every == 0 or done == total or exhausted:
                 recorder.log(done)
             if evaluator.enabled and (done % eval_every == 0 or done == total or exhausted):
@@ -496,6 +539,49 @@ def fit(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _iter_size(optimizer, fn):
+    """The optimizer's ``iter_size`` (Caffe's, :class:`fnlayers.optim.Solver`), 1 if it has
+    none."""
+    return check_positive_int(getattr(optimizer, "iter_size", 1), fn=fn, name="optimizer.iter_size")
+
+
+def _micro_batches(forward_backward, iter_size, fn):
+    """Caffe's ``iter_size`` loop around ``forward_backward(params, state, key, x, y) -> (values,
+    new_state, grads)``: the same function on ``x, y`` stacked ``(iter_size, batch, ...)``, the
+    micro-batches run in order (a ``lax.scan``: one copy of the model in the compiled program),
+    the state threaded through them, each with its own key; the gradients summed (Caffe's
+    accumulated diffs, ``((g_0 + g_1) + g_2) + ...``), the values averaged."""
+
+    def run(params, state, key, x, y):
+        _check_stacked((x, y), iter_size, fn)
+        keys = jax.random.split(key, iter_size)
+        first = jax.tree.map(lambda a: a[0], (x, y))
+        values, _, grads = jax.eval_shape(forward_backward, params, state, keys[0], *first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (values, grads))
+
+        def body(carry, micro):
+            sums, state = carry
+            values, state, grads = forward_backward(params, state, *micro)
+            return (jax.tree.map(jnp.add, sums, (values, grads)), state), None
+
+        ((values, grads), state), _ = lax.scan(body, (zeros, state), (keys, x, y))
+        # Caffe's displayed loss: loss /= iter_size.
+        return {name: v / iter_size for name, v in values.items()}, state, grads
+
+    return run
+
+
+def _check_stacked(batch, iter_size, fn):
+    for leaf in jax.tree.leaves(batch):
+        shape = tuple(np.shape(leaf))
+        if len(shape) < 2 or shape[0] != iter_size:
+            raise ValueError(
+                f"{fn}: the optimizer's iter_size={iter_size} makes one step run {iter_size} "
+                "micro-batches: pass x and y stacked as (iter_size, batch, ...), got a leaf of "
+                f"shape {shape} (fit stacks them itself)"
+            )
 
 
 def _data_parallel(mesh, data_axis, fn):
