@@ -13,7 +13,8 @@ A checkpoint is an uncompressed ZIP archive in NumPy's ``.npz`` layout, so ``np.
 
 * one ``.npy`` member per array leaf, keyed by the leaf's *path*: the keys from the root to the
   leaf joined by ``"/"`` (dict keys, list and tuple indices, NamedTuple field names), e.g.
-  ``"params/conv1/w"`` or ``"opt_state/0/1"``. A bare array saved as the whole tree has path ``""``.
+  ``"params/conv1/w"`` or ``"opt_state/0/1"``; a ``"/"`` inside a key is written ``"%2F"``
+  (``"params/inception_3a%2F1x1/w"``). A bare array saved as the whole tree has path ``""``.
 * ``"__fnlayers__"``: a 0-d unicode array holding one JSON document (strict JSON, no NaN)::
 
       {"format": "fnlayers.checkpoint", "version": 1, "tree": NODE, "metadata": {...}}
@@ -81,7 +82,7 @@ def save(path, tree, **metadata) -> None:
       path: a ``str`` or ``os.PathLike``; written exactly as given (no suffix is added). Its
         directory must exist. An existing file is replaced, keeping its permission bits; a new
         file gets mode 0o644.
-      tree: a pytree of arrays: nested dicts (str or int keys without ``"/"``), lists, tuples,
+      tree: a pytree of arrays: nested dicts (str or int keys), lists, tuples,
         NamedTuples or other registered pytree nodes, with leaves that are None, jax arrays,
         NumPy arrays or scalars of any numeric dtype (bfloat16 and other ml_dtypes included),
         Python bool/int/float/complex, or typed PRNG key arrays (``jax.random.key``).
@@ -91,7 +92,7 @@ def save(path, tree, **metadata) -> None:
 
     Raises:
       TypeError: a leaf or dict key of an unsupported type, or a metadata value JSON cannot hold.
-      ValueError: a dict key containing ``"/"``, two leaves with the same path, or a non-finite
+      ValueError: two leaves with the same path, or a non-finite
         float in the metadata.
     """
     fn = "checkpoint.save"
@@ -189,7 +190,7 @@ def _encode(node, keys: tuple[str, ...], arrays: dict[str, np.ndarray], fn: str)
     items = []
     for key_path, child in children:
         seg = path_str(key_path[:1])
-        items.append([seg, _encode(child, (*keys, seg), arrays, fn)])
+        items.append([seg, _encode(child, (*keys, _segment(seg)), arrays, fn)])
     return {"node": kind, "children": items}
 
 
@@ -402,7 +403,9 @@ def _stored_value(desc: dict, arrays: dict[str, np.ndarray], path: str, fn: str)
 
 def _restore_like(like, leaves: dict[str, dict], arrays, path: str, fn: str):
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    like_paths = [path_str(key_path) for key_path, _ in flat]
+    like_paths = [
+        _join(tuple(_segment(path_str((entry,))) for entry in key_path)) for key_path, _ in flat
+    ]
     wanted = set(like_paths)
     out = []
     for name, (_, template) in zip(like_paths, flat, strict=True):
@@ -466,10 +469,14 @@ def _dict_segment(k, keys: tuple[str, ...], fn: str) -> str:
             f"{fn}: dict key {k!r} under {_join(keys)!r} has type {type(k).__qualname__}; "
             "checkpoint dict keys must be str or int"
         )
-    seg = str(k)
-    if "/" in seg:
-        raise ValueError(f"{fn}: dict key {k!r} under {_join(keys)!r} contains '/'")
-    return seg
+    return _segment(str(k))
+
+
+def _segment(name: str) -> str:
+    """A path segment: a ``/`` inside a key (a Caffe layer name such as ``inception_3a/1x1``)
+    is written ``%2F`` so that paths stay ``/``-joined; the tree in the header keeps the key
+    itself."""
+    return name.replace("/", "%2F")
 
 
 def _join(keys: tuple[str, ...]) -> str:

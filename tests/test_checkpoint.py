@@ -304,8 +304,8 @@ def test_unsupported_trees_are_rejected_with_the_path(tmp_path):
     path = tmp_path / "ckpt.npz"
     with pytest.raises(TypeError, match=r"leaf 'a/0' has type str"):
         checkpoint.save(path, {"a": ["text"]})
-    with pytest.raises(ValueError, match=r"dict key 'x/y' under 'a' contains '/'"):
-        checkpoint.save(path, {"a": {"x/y": np.zeros(1)}})
+    with pytest.raises(ValueError, match=r"two leaves with the same path 'a/x%2Fy'|a/x%2Fy"):
+        checkpoint.save(path, {"a": {"x/y": np.zeros(1), "x%2Fy": np.ones(1)}})
     with pytest.raises(TypeError, match=r"dict key \(1, 2\) under '' has type tuple"):
         checkpoint.save(path, {(1, 2): np.zeros(1)})
     with pytest.raises(TypeError, match=r"leaf 'o' has dtype object"):
@@ -316,3 +316,14 @@ def test_unsupported_trees_are_rejected_with_the_path(tmp_path):
         checkpoint.save(3, {})
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_with_a_slash_round_trip(tmp_path):
+    """Caffe layer names such as ``inception_3a/1x1`` are params keys."""
+    path = tmp_path / "ckpt.npz"
+    tree = {"inception_3a/1x1": {"w": np.arange(3.0)}, "fc": [np.ones(2)]}
+    checkpoint.save(path, tree)
+    assert sorted(np.load(path).files) == ["__fnlayers__", "fc/0", "inception_3a%2F1x1/w"]
+    for got in (checkpoint.load(path), checkpoint.load(path, like=tree)):
+        assert set(got) == {"inception_3a/1x1", "fc"}
+        np.testing.assert_array_equal(got["inception_3a/1x1"]["w"], np.arange(3.0))
