@@ -264,3 +264,61 @@ def test_to_prototxt_round_trip(path):
     assert "pool: MAX" in text  # enums written bare, strings quoted
     again = load_net(text)
     assert again.layer_types == net.layer_types and again.outputs == net.outputs
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
+CATALOGUE = """
+name: "catalogue"
+input: "x" input_shape { dim: 2 dim: 3 dim: 2 dim: 2 }
+input: "s" input_shape { dim: 2 dim: 3 }
+layer { name: "block/prelu" type: "PReLU" bottom: "x" top: "block/prelu" }
+layer { name: "block/prelu_shared" type: "PReLU" bottom: "x" top: "p2"
+        prelu_param { channel_shared: true } }
+layer { name: "block/bias" type: "Bias" bottom: "x" top: "b1" param { lr_mult: 3 } }
+layer { name: "bias2" type: "Bias" bottom: "x" bottom: "s" top: "b2" bias_param { axis: 0 } }
+layer { name: "scale2" type: "Scale" bottom: "x" bottom: "s" top: "s2"
+        param { lr_mult: 2 decay_mult: 0 } scale_param { axis: 0 bias_term: true } }
+layer { name: "scale1" type: "Scale" bottom: "x" top: "s1" param { lr_mult: 0.5 }
+        scale_param { bias_term: true } }
+layer { name: "ip_t" type: "InnerProduct" bottom: "x" top: "ip_t"
+        inner_product_param { num_output: 2 transpose: true } }
+layer { name: "ip_ax2" type: "InnerProduct" bottom: "x" top: "ip_ax2"
+        inner_product_param { num_output: 2 axis: 2 } }
+layer { name: "bn" type: "BatchNorm" bottom: "x" top: "bn"
+        batch_norm_param { use_global_stats: true } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "s1" bottom: "s2" top: "loss" }
+"""
+
+
+def test_catalogue_round_trip_in_caffes_blob_shapes():
+    net = load_net(CATALOGUE)
+    params, state = _randomized(net.params, 6), _randomized(net.state, 7)
+    buf = save_caffemodel(None, net, params, state)
+    blobs = {x.name: [b.shape for b in x.blobs] for x in read_net(buf)[1]}
+    assert blobs == {
+        "block/prelu": [(3,)], "block/prelu_shared": [()], "block/bias": [(3,)], "bias2": [],
+        "scale2": [(2, 3)],  # the second bottom is the scale: only the bias is a blob
+        "scale1": [(3,), (3,)], "ip_t": [(12, 2), (2,)],  # transposed: (K, num_output)
+        "ip_ax2": [(2, 4), (2,)],  # axis 2: K = H * W
+        "bn": [(3,), (3,), (1,)], "loss": [],
+    }  # fmt: skip
+    back = load_net(CATALOGUE, buf)
+    _assert_trees_equal(back.params, params)
+    _assert_trees_equal(back.state, state)
+    # the prelu blob is the slope per channel, as stored
+    stored = {x.name: x.blobs for x in read_net(buf)[1]}
+    np.testing.assert_array_equal(stored["block/prelu"][0], params["block/prelu"]["alpha"])
+    lr, decay = _mults(net)
+    assert lr["block/bias"] == {"bias": 3.0} and lr["scale1"] == {"scale": 0.5, "bias": 1.0}
+    assert lr["scale2"] == {"bias": 2.0} and decay["scale2"] == {"bias": 0.0}
+
+
+def test_blob_count_must_match_the_layer():
+    net = load_net(CATALOGUE)
+    buf = write_net(None, [("scale2", "Scale", [np.zeros((2, 3)), np.zeros((2, 3))])])
+    with pytest.raises(ValueError, match=r"'scale2' \(Scale\).*2 blobs.*has 1 \(bias\)"):
+        load_net(CATALOGUE, buf)
+    with pytest.raises(ValueError, match=r"'bias2' \(Bias\).*1 blobs.*has 0"):
+        load_net(CATALOGUE, write_net(None, [("bias2", "Bias", [np.zeros(3)])]))
+    assert net.layer_types["bias2"] == "Bias"

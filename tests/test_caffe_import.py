@@ -398,3 +398,212 @@ def test_deconvolution_weights_follow_caffe():
             )
     ref = full[:, :, 1:-1, 1:-1] + bias[None, :, None, None]  # (3 - 1) * 2 + 4 - 2 = 6
     np.testing.assert_allclose(out["y"], np.moveaxis(ref, 1, -1), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- train_test nets
+
+LENET_TT = DATA / "mnist__lenet_train_test.prototxt"
+CIFAR_TT = DATA / "cifar10__cifar10_quick_train_test.prototxt"
+ALEXNET_TV = DATA / "bvlc_alexnet__train_val.prototxt"
+SIAMESE_TT = DATA / "siamese__mnist_siamese_train_test.prototxt"
+CIFAR_BN = DATA / "cifar10__cifar10_full_sigmoid_train_test_bn.prototxt"
+GOOGLENET_TV = DATA / "bvlc_googlenet__train_val.prototxt"
+
+
+def _abstract_net(path, **kw):
+    """load_net with the fillers traced instead of drawn (no big arrays made): the CaffeNet's
+    description, and its params' and state's shapes (its own params are tracers: unused)."""
+    box = {}
+
+    def load(k):
+        box["net"] = load_net(path, key=k, **kw)
+        return box["net"].params, box["net"].state
+
+    params, state = jax.eval_shape(load, jax.random.key(0))
+    return box["net"], params, state
+
+
+# (path, the data top and its Caffe shape per phase (batch from the prototxt), data layer)
+TRAIN_TEST = [
+    (LENET_TT, "data", {"train": (64, 1, 28, 28), "test": (100, 1, 28, 28)}, "mnist"),
+    (CIFAR_TT, "data", {"train": (100, 3, 32, 32), "test": (100, 3, 32, 32)}, "cifar"),
+    (ALEXNET_TV, "data", {"train": (256, 3, 227, 227), "test": (50, 3, 227, 227)}, "data"),
+    (CIFAR_BN, "data", {"train": (100, 3, 32, 32), "test": (1000, 3, 32, 32)}, "cifar"),
+]
+
+
+@pytest.mark.parametrize("phase", ["train", "test"])
+@pytest.mark.parametrize(
+    "path, top, shapes, layer", TRAIN_TEST, ids=lambda v: getattr(v, "stem", "")
+)
+def test_train_test_nets_import_in_both_phases(path, top, shapes, layer, phase):
+    net, params, _ = _abstract_net(path, phase=phase, input_shapes={top: shapes[phase]})
+    batch = shapes[phase][0]
+    # the Data layer's tops are the inputs; the label's shape (batch_size,) is the prototxt's
+    assert net.inputs == {top: shapes[phase], "label": (batch,)}
+    assert list(net.data_layers) == [layer] and net.layer_types[layer] == "Data"
+    assert first(first(net.data_layers[layer], "data_param"), "batch_size") == batch
+    # Caffe's outputs, sorted by name; the loss weighs 1, Accuracy nothing
+    assert net.outputs == (("loss",) if phase == "train" else ("accuracy", "loss"))
+    assert net.loss_weights == {"loss": 1.0}
+    deploy_like = {k: v for k, v in params.items() if v}
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(deploy_like))
+    x = {top: jax.ShapeDtypeStruct(_nhwc(shapes[phase]), jnp.float32),
+         "label": jax.ShapeDtypeStruct((batch,), jnp.float32)}  # fmt: skip
+    out = jax.eval_shape(lambda p, s, x: net.model.apply(p, s, x)[0], params, _, x)
+    assert {k: v.shape for k, v in out.items()} == dict.fromkeys(net.outputs, ())
+
+
+def _nhwc(shape):
+    n, c, h, w = shape
+    return (n, h, w, c)
+
+
+def test_train_test_params_match_the_deploy_net():
+    shapes = {"data": (64, 1, 28, 28)}
+    train, params, _ = _abstract_net(LENET_TT, phase="train", input_shapes=shapes)
+    deploy = load_net(LENET)
+
+    def learned(tree):
+        return {k: jax.tree.map(jnp.shape, v) for k, v in tree.items() if v}
+
+    assert learned(params) == learned(deploy.params)
+    assert train.layer_types["loss"] == "SoftmaxWithLoss" and "prob" not in train.layer_types
+
+
+def test_data_tops_without_a_shape_need_input_shapes():
+    with pytest.raises(ValueError, match=r"'mnist' \(Data\).*top 'data'.*input_shapes=") as err:
+        load_net(LENET_TT)
+    assert "'label'" not in str(err.value)  # the label's shape is in the prototxt
+    with pytest.raises(ValueError, match=r"'images'.*not an input.*\['data', 'label'\]"):
+        load_net(LENET_TT, input_shapes={"images": (1, 1, 28, 28)})
+    with pytest.raises(ValueError, match=r"input_shapes\['data'\]"):
+        load_net(LENET_TT, input_shapes={"data": (64, 0, 28, 28)})
+    hdf5 = 'layer { name: "h5" type: "HDF5Data" top: "x" hdf5_data_param { batch_size: 4 } }'
+    with pytest.raises(ValueError, match=r"'h5' \(HDF5Data\).*top 'x'"):
+        load_net(hdf5 + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }')
+
+
+DATA_LAYERS = """
+name: "feeds"
+layer { name: "mem" type: "MemoryData" top: "m" top: "m_label"
+        memory_data_param { batch_size: 2 channels: 1 height: 4 width: 5 } }
+layer { name: "dummy" type: "DummyData" top: "d1" top: "d2"
+        dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 1 dim: 4 dim: 5 } } }
+layer { name: "legacy" type: "DummyData" top: "l"
+        dummy_data_param { num: 2 channels: 1 height: 4 width: 5 } }
+layer { name: "gray" type: "ImageData" top: "g" top: "g_label"
+        image_data_param { source: "list.txt" batch_size: 2 new_height: 4 new_width: 5
+                           is_color: false } }
+layer { name: "crop" type: "ImageData" top: "c" top: "c_label"
+        transform_param { crop_size: 3 } image_data_param { source: "list.txt" } }
+layer { name: "in" type: "Input" top: "i1" top: "i2" input_param { shape { dim: 2 dim: 2 } } }
+layer { name: "sum" type: "Eltwise" bottom: "m" bottom: "g" bottom: "l" bottom: "d2" top: "s"
+        eltwise_param { coeff: 1 coeff: 10 coeff: 100 coeff: 1000 } }
+layer { name: "quiet" type: "Silence" bottom: "m_label" bottom: "d1" bottom: "i1" bottom: "i2"
+        bottom: "g_label" bottom: "c" bottom: "c_label" }
+"""
+
+
+def test_data_layer_shapes_from_the_prototxt():
+    net = load_net(DATA_LAYERS)
+    assert net.inputs == {
+        "m": (2, 1, 4, 5), "m_label": (2,), "d1": (2, 3), "d2": (2, 1, 4, 5), "l": (2, 1, 4, 5),
+        "g": (2, 1, 4, 5), "g_label": (2,), "c": (1, 3, 3, 3), "c_label": (1,), "i1": (2, 2),
+        "i2": (2, 2),
+    }  # fmt: skip
+    assert list(net.data_layers) == ["mem", "dummy", "legacy", "gray", "crop"]
+    assert net.data_layers["gray"]["image_data_param"][0]["source"] == ["list.txt"]
+    assert net.outputs == ("s",) and net.loss_weights == {}
+    feed = {k: jnp.ones(_from_caffe(s)) for k, s in net.inputs.items()}
+    out, _ = net.model.apply(net.params, net.state, feed)
+    np.testing.assert_array_equal(out["s"], np.full((2, 4, 5, 1), 1111.0))
+
+
+def _from_caffe(shape):
+    return (shape[0], *shape[2:], shape[1]) if len(shape) >= 3 else shape
+
+
+STATE = """
+name: "staged"
+state { stage: "deploy" phase: TRAIN level: 3 }
+input: "x" input_shape { dim: 1 dim: 2 }
+layer { name: "d" type: "ReLU" bottom: "x" top: "d" include { stage: "deploy" } }
+layer { name: "both" type: "TanH" bottom: "x" top: "both"
+        include { stage: "deploy" stage: "extra" } }
+layer { name: "train" type: "Sigmoid" bottom: "x" top: "train" include { phase: TRAIN } }
+layer { name: "level" type: "Sigmoid" bottom: "x" top: "level" include { min_level: 1 } }
+"""
+
+
+def test_state_block_adds_stages_and_yields_phase_and_level():
+    # the block's stage counts; its phase (TRAIN) and level (3) give way to the arguments
+    assert load_net(STATE).outputs == ("d",)
+    assert load_net(STATE, stages=("extra",)).outputs == ("both", "d")
+    assert load_net(STATE, phase="train", level=1).outputs == ("d", "level", "train")
+    with pytest.raises(ValueError, match="stages='extra'"):
+        load_net(STATE, stages="extra")
+
+
+def test_siamese_train_test_shares_one_array_per_param(key):
+    shapes = {"pair_data": (2, 2, 28, 28), "sim": (2,)}  # both replace the prototxt's batch
+    net = load_net(SIAMESE_TT, phase="train", input_shapes=shapes, key=key)
+    assert net.inputs == shapes and net.outputs == ("loss",) and net.loss_weights == {"loss": 1.0}
+    for name in ("conv1", "conv2", "ip1", "ip2", "feat"):
+        assert net.params[f"{name}_p"] == {} and set(net.params[name]) == {"w", "b"}
+    lr, _ = fl.param_mults(net.model)
+    assert jax.tree_util.tree_map_with_path(lr, net.params)["conv1"] == {"w": 1.0, "b": 2.0}
+    # the two towers are one function: equal halves give equal features, loss 0 when similar
+    half = jax.random.normal(key, (2, 28, 28, 1))
+    x = {"pair_data": jnp.concatenate([half, half], axis=-1), "sim": jnp.ones(2)}
+    out, _ = net.model.apply(net.params, net.state, x)
+    assert float(out["loss"]) == 0.0
+    x["sim"] = jnp.zeros(2)  # dissimilar at distance 0: margin**2 / 2 per pair
+    np.testing.assert_allclose(net.model.apply(net.params, net.state, x)[0]["loss"], 0.5)
+
+
+def test_batchnorm_net_test_phase_uses_the_stored_statistics(key):
+    shapes = {"data": (2, 3, 32, 32), "label": (2,)}
+    net = load_net(CIFAR_BN, input_shapes=shapes, key=key)
+    rng = np.random.default_rng(3)
+    state = {
+        name: {"mean_acc": jnp.asarray(rng.normal(size=s["mean_acc"].shape), jnp.float32),
+               "var_acc": jnp.asarray(rng.uniform(1, 2, s["var_acc"].shape), jnp.float32),
+               "scale_factor": jnp.asarray([2.0], jnp.float32)} if s else s
+        for name, s in net.state.items()
+    }  # fmt: skip
+    seen = {}
+
+    def record(path, leaf, params, st, x, **kw):
+        y, new = leaf.apply(params, st, x, **kw)
+        seen[path] = (x, y)
+        return y, new
+
+    x = {"data": jax.random.normal(key, (2, 32, 32, 3)), "label": jnp.array([1.0, 7.0])}
+    out, new_state = fl.layers.apply_leaves(net.model, record, net.params, state, x)
+    assert set(out) == {"accuracy", "loss"}
+    _assert_trees_equal_np(new_state, state)  # the statistics are read, not updated
+    bn_in, bn_out = (np.asarray(a, np.float64) for a in seen["bn2"])
+    mean, var = np.asarray(state["bn2"]["mean_acc"]) / 2, np.asarray(state["bn2"]["var_acc"]) / 2
+    np.testing.assert_allclose(bn_out, (bn_in - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def _assert_trees_equal_np(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_googlenet_layer_names_with_slashes():
+    shapes = {"data": (32, 3, 224, 224)}
+    net, params, _ = _abstract_net(GOOGLENET_TV, phase="train", input_shapes=shapes)
+    assert net.outputs == ("loss1/loss1", "loss2/loss2", "loss3/loss3")
+    assert net.loss_weights == {"loss1/loss1": 0.3, "loss2/loss2": 0.3, "loss3/loss3": 1.0}
+    assert params["inception_3a/1x1"]["w"].shape == (1, 1, 192, 64)
+    lr, decay = fl.param_mults(net.model)
+    mults = jax.tree_util.tree_map_with_path(lambda p, a: (lr(p, a), decay(p, a)), params)
+    assert mults["inception_3a/1x1"] == {"w": (1.0, 1.0), "b": (2.0, 0.0)}
+    test, _, _ = _abstract_net(GOOGLENET_TV, input_shapes={"data": (50, 3, 224, 224)})
+    assert test.outputs == tuple(
+        f"loss{i}/{top}" for i in (1, 2, 3) for top in (f"loss{i}", "top-1", "top-5")
+    )  # sorted by name: "loss1/loss1" < "loss1/top-1" < ... < "loss3/top-5"

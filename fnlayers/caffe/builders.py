@@ -27,7 +27,7 @@ from fnlayers import layers as L
 from fnlayers import losses
 from fnlayers import pooling as fl_pooling
 from fnlayers import tensor_ops as ops
-from fnlayers._checks import check_choice
+from fnlayers._checks import check_choice, check_positive_int
 from fnlayers.caffe.prototxt import first
 from fnlayers.graphs import Concat, Eltwise
 
@@ -92,7 +92,9 @@ def build_layer(layer: dict) -> Built:
     d = _Def(name, kind, tuple(layer.get("bottom", [])), tuple(layer.get("top", [])), layer)
     try:
         _check_counts(d)
-        return builder(d)
+        built = builder(d)
+        _check_param_specs(d, len(built.blobs.names))
+        return built
     except (ValueError, TypeError) as err:
         raise ValueError(f"Caffe layer {name!r} ({kind}): {err}") from err
 
@@ -224,14 +226,19 @@ def _mults(d: _Def, n_blobs: int) -> tuple[tuple[float, ...], tuple[float, ...]]
     """The ``lr_mult``/``decay_mult`` of each of the layer's ``n_blobs`` blobs, from its
     ``param { }`` specs in order (1 for a blob without one, as Caffe's ``ParamSpec``)."""
     specs = d.raw.get("param", [])
-    if len(specs) > n_blobs:
-        raise ValueError(
-            f"{len(specs)} param specs for a layer with {n_blobs} blobs (Caffe: too many params)"
-        )
+    _check_param_specs(d, n_blobs)
     pad = (1.0,) * (n_blobs - len(specs))
     lr = tuple(float(first(p, "lr_mult", 1.0)) for p in specs) + pad
     decay = tuple(float(first(p, "decay_mult", 1.0)) for p in specs) + pad
     return lr, decay
+
+
+def _check_param_specs(d: _Def, n_blobs: int) -> None:
+    n_specs = len(d.raw.get("param", []))
+    if n_specs > n_blobs:
+        raise ValueError(
+            f"{n_specs} param specs for a layer with {n_blobs} blobs (Caffe: too many params)"
+        )
 
 
 def _required(p: dict, field: str, message: str):
@@ -540,16 +547,24 @@ def _crop(d: _Def) -> Built:
 
 
 def _argmax(d: _Def) -> Built:
+    """With ``axis``, the catalogue's ArgMax. Without, Caffe's top is a table ``(N, 1 or 2,
+    top_k, ...)``, not an image; it is handed back channels last like every other blob, so
+    that ``to_caffe_blob`` of the output is Caffe's top."""
     p = d.param("argmax_param")
     axis = first(p, "axis")
-    am = cat.ArgMax(
-        int(first(p, "top_k", 1)),
-        out_max_val=bool(first(p, "out_max_val", False)),
-        axis=None if axis is None else int(axis),
-        caffe_axes=True,
-        name=d.name,
-    )
-    return Built(am)
+    top_k = check_positive_int(first(p, "top_k", 1), fn="argmax_param", name="top_k")
+    out_max_val = bool(first(p, "out_max_val", False))
+    if axis is not None:
+        am = cat.ArgMax(
+            top_k, out_max_val=out_max_val, axis=int(axis), caffe_axes=True, name=d.name
+        )
+        return Built(am)
+
+    def op(x):
+        table = ops.argmax(x, top_k, out_max_val=out_max_val, caffe_axes=True)
+        return ops.from_caffe_blob(table)
+
+    return Built(_stateless(op, "argmax", d.name))
 
 
 def _lrn(d: _Def) -> Built:
