@@ -43,6 +43,14 @@ EXAMPLES = {
         ["examples/data_parallel.py", "--epochs", "1"],
         r"final test accuracy: (\d\.\d{3}) on (\d+) devices",
     ),
+    "import_caffe": (
+        ["examples/import_caffe.py"],
+        r"max \|fnlayers - numpy\| = (\d\.\de-\d\d) \(tolerance 1e-05\); export round trip exact",
+    ),
+    "caffe_lenet": (
+        ["examples/caffe_lenet.py", "--quick"],
+        r"fnlayers test accuracy after 300 iterations: (\d\.\d{3})",
+    ),
     "conv_demo": (
         ["examples/conv_demo.py"],
         r"output \(8, 10\) \(init predicted \(-1, 10\)\)",
@@ -152,3 +160,27 @@ def test_data_parallel_matches_one_device(started):
     assert float(match.group(1)) < 1e-5  # the same numbers, summed in another order
     for name in ("checkpoint.npz", "history.json"):
         assert (out / name).is_file(), name
+
+
+def test_import_caffe(started):
+    (err,), out = parse_last_line(started, "import_caffe")
+    assert err <= 1e-5
+    for name in (
+        "inception_residual.prototxt",
+        "inception_residual.caffemodel",
+        "exported.caffemodel",
+    ):
+        assert (out / name).is_file(), name
+
+
+def test_caffe_lenet_project_with_the_fnlayers_command(started):
+    (accuracy,), out = parse_last_line(started, "caffe_lenet")
+    assert 0.0 <= accuracy <= 1.0
+    stdout = (out / "stdout.txt").read_text()
+    for line in (
+        "Iteration 0, loss = ",
+        "Test net output #0: accuracy = ",
+        "Average Forward pass: ",
+    ):
+        assert line in stdout, line
+    assert (out / "examples/mnist/lenet_iter_300.solverstate").is_file()

@@ -87,10 +87,22 @@ def _time_layer(layer, params, state, x, key, train, iterations):
 
     fwd = jax.jit(forward)
     f_ms = _median_ms(lambda: fwd(params, state, x), iterations)
-    if not _differentiable(x):
+    # the gradient reaches the parameters and the floating inputs (not a label input)
+    leaves, treedef = jax.tree.flatten(x)
+    floating = [_floating(v) for v in leaves]
+
+    def loss(p, real):
+        it = iter(real)
+        v = jax.tree.unflatten(
+            treedef, [next(it) if f else u for u, f in zip(leaves, floating, strict=True)]
+        )
+        return _scalar(forward(p, state, v))
+
+    real = [v for v, f in zip(leaves, floating, strict=True) if f]
+    if not real and not jax.tree.leaves(params):
         return f_ms, 0.0
-    bwd = jax.jit(jax.grad(lambda p, v: _scalar(forward(p, state, v)), argnums=(0, 1)))
-    return f_ms, _median_ms(lambda: bwd(params, x), iterations)
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return f_ms, _median_ms(lambda: bwd(params, real), iterations)
 
 
 def _layer_inputs(net: CaffeNet, x, key, train):
@@ -112,8 +124,8 @@ def _scalar(outputs) -> jax.Array:
     return sum(leaves) if leaves else jnp.zeros(())
 
 
-def _differentiable(x) -> bool:
-    return all(jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) for v in jax.tree.leaves(x))
+def _floating(v) -> bool:
+    return jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)
 
 
 def _median_ms(fn, iterations: int) -> float:
