@@ -160,6 +160,8 @@ layer { name: "ip_t" type: "InnerProduct" bottom: "x" top: "ip_t"
         inner_product_param { num_output: 2 transpose: true weight_filler { type: "xavier" } } }
 layer { name: "stoch" type: "Pooling" bottom: "x" top: "stoch"
         pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }
+layer { name: "gstoch" type: "Pooling" bottom: "x" top: "gstoch"
+        pooling_param { pool: STOCHASTIC global_pooling: true } }
 layer { name: "floor" type: "Pooling" bottom: "x" top: "floor"
         pooling_param { pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR } }
 """
@@ -179,6 +181,8 @@ def test_transposed_inner_product_and_pooling(rng, key):
     # STOCHASTIC at test time: each window's sum(a^2) / sum(a)
     windows = x.reshape(2, 3, 2, 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 2, 2, 4)
     _assert_close(out["stoch"], (windows**2).sum(-1) / windows.sum(-1))
+    plane = x.reshape(2, 3, 16)
+    _assert_close(out["gstoch"][..., 0, 0], (plane**2).sum(-1) / plane.sum(-1))
     # round_mode FLOOR: (4 - 3) / 2 + 1 = 1 output row and column, the top-left 3x3 maximum
     _assert_close(out["floor"], x[:, :, :3, :3].max(axis=(2, 3))[:, :, None, None])
     # in training each output is one element of its window, drawn with the key

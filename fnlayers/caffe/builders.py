@@ -16,6 +16,7 @@ order, as floats (truncated to int as Caffe's ``static_cast<int>``) or ints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -426,7 +427,8 @@ def _fixed_mode(layer: L.Layer, *, train: bool) -> L.Layer:
     def apply(params, state, x, *, key=None, train=False):
         return layer.apply(params, state, x, key=key, train=fixed)
 
-    return L.Layer(layer.init, apply, name=layer.name, kind=layer.kind, mults=layer.mults)
+    config = (*layer.config, ("use_global_stats", not fixed))
+    return dataclasses.replace(layer, apply=apply, config=config)
 
 
 # ----------------------------------------------------------------------------- stateless layers
@@ -564,7 +566,8 @@ def _argmax(d: _Def) -> Built:
         table = ops.argmax(x, top_k, out_max_val=out_max_val, caffe_axes=True)
         return ops.from_caffe_blob(table)
 
-    return Built(_stateless(op, "argmax", d.name))
+    cfg = dict(top_k=top_k, out_max_val=out_max_val)
+    return Built(_stateless(op, "argmax", d.name, **cfg))
 
 
 def _lrn(d: _Def) -> Built:
@@ -648,7 +651,8 @@ def _softmax_loss(d: _Def) -> Built:
         )
         return (loss, ops.softmax(scores, axis, caffe_axes=True)) if with_prob else loss
 
-    return Built(_stateless(op, "softmax_loss", d.name))
+    cfg = dict(axis=axis, normalization=normalization, ignore_label=ignore)
+    return Built(_stateless(op, "softmax_loss", d.name, **cfg))
 
 
 def _accuracy(d: _Def) -> Built:
@@ -671,7 +675,8 @@ def _accuracy(d: _Def) -> Built:
             logits, _labels(labels, logits.shape[:3]), top_k=top_k, ignore_label=ignore
         )
 
-    return Built(_stateless(op, "accuracy", d.name))
+    cfg = dict(top_k=top_k, axis=axis, ignore_label=ignore)
+    return Built(_stateless(op, "accuracy", d.name, **cfg))
 
 
 def _euclidean_loss(d: _Def) -> Built:
@@ -699,7 +704,8 @@ def _sigmoid_cross_entropy_loss(d: _Def) -> Built:
             x, targets, ignore_label=ignore, normalization=normalization
         )
 
-    return Built(_stateless(op, "sigmoid_cross_entropy_loss", d.name))
+    cfg = dict(normalization=normalization, ignore_label=ignore)
+    return Built(_stateless(op, "sigmoid_cross_entropy_loss", d.name, **cfg))
 
 
 def _contrastive_loss(d: _Def) -> Built:
@@ -715,7 +721,8 @@ def _contrastive_loss(d: _Def) -> Built:
         a, b = a.reshape(n, -1), _like(b, a, "the second bottom").reshape(n, -1)
         return losses.contrastive(a, b, _labels(y, (n,)), margin=margin, legacy=legacy)
 
-    return Built(_stateless(op, "contrastive_loss", d.name))
+    cfg = dict(margin=margin, legacy_version=legacy)
+    return Built(_stateless(op, "contrastive_loss", d.name, **cfg))
 
 
 def _normalization(lp: dict, default: str) -> str:
@@ -774,8 +781,9 @@ def _like(b, a, what: str, *, cast: bool = True):
     return b.astype(a.dtype) if cast else b
 
 
-def _stateless(op, kind: str, name) -> L.Layer:
-    """A layer without params or state, ``y = op(x)``, its output shape traced from ``op``."""
+def _stateless(op, kind: str, name, **config) -> L.Layer:
+    """A layer without params or state, ``y = op(x)``, its output shape traced from ``op``;
+    ``config`` is what its repr shows."""
 
     def init(key, in_shape):
         return cat._out_shape(op, in_shape, kind), {}, {}
@@ -783,7 +791,8 @@ def _stateless(op, kind: str, name) -> L.Layer:
     def apply(params, state, x, *, key=None, train=False):
         return op(x), state
 
-    return L.Layer(init, apply, name=name, kind=kind)
+    shown = tuple((k, v) for k, v in config.items() if v is not None)
+    return L.Layer(init, apply, name=name, kind=kind, config=shown)
 
 
 # ----------------------------------------------------------------------------- data layers

@@ -219,7 +219,10 @@ def load_net(
 
     Returns:
       A :class:`CaffeNet`. Its params are initialised for the inputs' Caffe shapes (their batch
-      size too); ``model.apply`` takes any batch size.
+      size too); ``model.apply`` takes any batch size. ``apply``'s ``train`` plays the part of
+      Caffe's phase at run time: Dropout, STOCHASTIC pooling and a BatchNorm without
+      ``use_global_stats`` follow it (``use_global_stats: true``/``false`` fixes a BatchNorm
+      to the stored/the batch's statistics in either mode).
 
     Raises:
       ValueError: an unsupported layer type (naming the layer and type), a bad layer
