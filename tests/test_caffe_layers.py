@@ -242,6 +242,7 @@ input: "klass" input_shape { dim: 4 }
 input: "a" input_shape { dim: 3 dim: 2 }
 input: "b" input_shape { dim: 3 dim: 2 dim: 1 dim: 1 }
 input: "sim" input_shape { dim: 3 }
+input: "wlabel" input_shape { dim: 6 }
 layer { name: "valid" type: "SoftmaxWithLoss" bottom: "scores" bottom: "label"
         top: "valid" top: "prob" loss_param { ignore_label: 2 } }
 layer { name: "batch" type: "SoftmaxWithLoss" bottom: "scores" bottom: "label" top: "batch"
@@ -250,6 +251,8 @@ layer { name: "full" type: "SoftmaxWithLoss" bottom: "scores" bottom: "label" to
         loss_param { ignore_label: 2 normalization: FULL } }
 layer { name: "plain" type: "SoftmaxWithLoss" bottom: "logits" bottom: "klass" top: "plain"
         loss_param { normalization: NONE } }
+layer { name: "by_w" type: "SoftmaxWithLoss" bottom: "scores" bottom: "wlabel" top: "by_w"
+        softmax_param { axis: -1 } }
 layer { name: "acc" type: "Accuracy" bottom: "logits" bottom: "klass" top: "acc"
         accuracy_param { top_k: 2 ignore_label: 4 } }
 layer { name: "acc_px" type: "Accuracy" bottom: "scores" bottom: "label" top: "acc_px" }
@@ -267,7 +270,7 @@ def test_loss_and_accuracy_layers():
     net = load_net(LOSSES)
     assert net.loss_weights == {
         "valid": 1.0, "batch": 0.5, "full": 1.0, "plain": 1.0, "l2": 1.0, "bce": 1.0,
-        "pair": 1.0, "legacy": 1.0, "quiet (automatic)": 1.0,
+        "pair": 1.0, "legacy": 1.0, "quiet (automatic)": 1.0, "by_w": 1.0,
     }  # fmt: skip
     scores = np.array([[[[2.0, 0.0]], [[1.0, 0.0]], [[0.0, 3.0]]],
                        [[[0.5, 1.0]], [[0.5, 2.0]], [[-1.0, 0.0]]]])  # fmt: skip
@@ -277,7 +280,9 @@ def test_loss_and_accuracy_layers():
     a = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
     b = np.array([[0.5, 1.0], [0.0, 0.0], [2.0, 0.0]]).reshape(3, 2, 1, 1)
     sim = np.array([1.0, 0.0, 0.0])
+    wlabel = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
     feed = dict(scores=scores, label=label, logits=logits, klass=klass, a=a, b=b, sim=sim)
+    feed["wlabel"] = wlabel
     out, _ = _run(net, feed)
     # SoftmaxWithLoss per position (n, w): -log(softmax(scores[n, :, 0, w])[label])
     p = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
@@ -286,6 +291,9 @@ def test_loss_and_accuracy_layers():
     _assert_close(out["batch"], sum(nll) / 2)  # normalize: false is BATCH_SIZE, N = 2
     _assert_close(out["full"], sum(nll) / 4)  # FULL: N * H * W
     _assert_close(out["prob"], p)
+    # axis -1 (W): the classes run along W, one position per (n, c, h), labels in that order
+    pw = np.exp(scores) / np.exp(scores).sum(axis=3, keepdims=True)
+    _assert_close(out["by_w"], -np.log(pw.reshape(6, 2)[np.arange(6), [0, 1, 1, 0, 1, 0]]).mean())
     pl = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     _assert_close(out["plain"], -np.log(pl[[0, 1, 2, 3], [2, 0, 2, 4]]).sum())  # NONE: the sum
     # Accuracy top 2, ties against: row 0 (5 > 2) right; row 1 (two 3s, both >= 3) right;
@@ -314,7 +322,7 @@ def test_loss_gradient_reaches_the_scores_not_the_labels():
     feed = {
         "scores": jnp.ones((2, 1, 2, 3)), "label": jnp.zeros((2, 1, 2, 1)),
         "logits": jnp.ones((4, 5)), "klass": jnp.zeros((4,)), "a": jnp.ones((3, 2)),
-        "b": jnp.zeros((3, 1, 1, 2)), "sim": jnp.ones((3,)),
+        "b": jnp.zeros((3, 1, 1, 2)), "sim": jnp.ones((3,)), "wlabel": jnp.zeros((6,)),
     }  # fmt: skip
 
     def loss(scores):

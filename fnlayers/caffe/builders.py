@@ -271,10 +271,10 @@ def _hw(p: dict, base: str, default):
     raise ValueError(f"{name}: {values!r} has more than two spatial values")
 
 
-def _weighted(d: _Def, p: dict, default_bias: bool = True) -> tuple[dict, tuple[str, ...]]:
+def _weighted(d: _Def, p: dict) -> tuple[dict, tuple[str, ...]]:
     """The arguments of a layer with a weight and an optional bias (Convolution,
     Deconvolution, InnerProduct), and its blob names."""
-    bias = bool(first(p, "bias_term", default_bias))
+    bias = bool(first(p, "bias_term", True))
     names = ("w", "b") if bias else ("w",)
     lr, decay = _mults(d, len(names))
     cfg = dict(
