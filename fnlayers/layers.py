@@ -1128,7 +1128,9 @@ def _param_mult(by_path: Mapping[str, tuple], path: str, index: int) -> float:
     """The lr (``index`` 0) or decay (1) multiplier of the parameter at ``path``
     (``"conv1/w"``), given each leaf layer's mults by layer path."""
     parts = path.split("/")
-    for i in range(len(parts)):
+    # the longest layer path first: a layer may be named "a/b" (Caffe's "inception_3a/1x1")
+    # beside a layer "a"
+    for i in reversed(range(len(parts))):
         mults = by_path.get("/".join(parts[:i]))
         if mults is not None:
             return next((m[1 + index] for m in mults if m[0] == parts[i]), 1.0)

@@ -714,3 +714,18 @@ def test_concat_axes_and_shapes():
         Concat(1).init(None, ((2, 3), (5, 3)))
     with pytest.raises(ValueError, match="axis=2 is out of range"):
         Concat(2).init(None, ((2, 3), (2, 3)))
+
+
+def test_param_mults_of_a_layer_named_like_a_path_inside_another():
+    """Caffe names layers "inception_3a/1x1"; a layer "a/b" beside a layer "a" keeps its own."""
+    net = graph(
+        "x",
+        [
+            (fl.Dense(3, lr_mult=(2.0, 4.0), name="a"), "x", "a"),
+            (fl.Dense(3, lr_mult=(3.0, 5.0), name="a/b"), "a", "y"),
+        ],
+    )
+    _, params, _ = net.init(jax.random.key(0), (-1, 4))
+    lr_mult, _ = fl.param_mults(net)
+    got = jax.tree_util.tree_map_with_path(lr_mult, params)
+    assert got == {"a": {"w": 2.0, "b": 4.0}, "a/b": {"w": 3.0, "b": 5.0}}

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnlayers import checkpoint
+from fnlayers.caffe import builders
 from fnlayers.caffe import data as caffe_data
 from fnlayers.caffe.net import CaffeNet, _included, load_net, save_caffemodel, upgrade_v1
 from fnlayers.caffe.prototxt import first, parse
@@ -46,8 +47,9 @@ from fnlayers.train import TrainState, make_train_step
 __all__ = ["TrainResult", "data_layers", "open_net", "run_test", "run_train", "total_loss"]
 
 STATE_FORMAT = "fnlayers-caffe-solverstate"
-#: The layer types whose tops are read from a source rather than computed.
-DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData")
+#: The layer types whose tops are read from a source (the importer's data layers but Input,
+#: whose tops the caller feeds).
+DATA_TYPES = tuple(t for t in builders.DATA_TYPES if t != "Input")
 
 
 @dataclasses.dataclass
