@@ -5,6 +5,7 @@ solver type) and the snapshots real Caffe wrote after training each from ``init.
 import contextlib
 import io
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,29 @@ def test_console_script_help():
     ).stdout  # fmt: skip
     for flag in ("--solver", "-solver", "--weights", "--snapshot", "--iterations"):
         assert flag in out
+
+
+def test_ctrl_c_snapshots_and_stops(tmp_path):
+    for name in (*PROJECT, "solver_SGD.prototxt"):
+        shutil.copy(DATA / name, tmp_path)
+    solver = (tmp_path / "solver_SGD.prototxt").read_text()
+    solver = solver.replace("max_iter: 6", "max_iter: 1000000").replace(
+        "snapshot: 3", "snapshot: 0"
+    )
+    (tmp_path / "solver_SGD.prototxt").write_text(solver)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fnlayers.caffe.cli", "train", "-solver", "solver_SGD.prototxt"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if line.startswith("Iteration 20,"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Optimization Done." in out
+    snaps = list(tmp_path.glob("SGD_iter_*.caffemodel"))
+    assert len(snaps) == 1, (snaps, out[-500:])
+    snap = snaps[0]  # the one written at the interrupt
+    assert int(snap.name.removeprefix("SGD_iter_").removesuffix(".caffemodel")) > 20
+    assert snap.with_suffix(".solverstate").is_file()
