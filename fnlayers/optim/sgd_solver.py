@@ -25,9 +25,10 @@ described in :mod:`fnlayers.optim.mults`. A parameter whose ``lr_mult`` is 0 is 
 its momentum stay bit-for-bit unchanged, and its gradient, whatever it holds (even NaN), is
 ignored, also by the clipping norm (Caffe computes no gradient for it, so its diff is 0).
 
-Gradient accumulation (Caffe's ``iter_size``): :func:`fnlayers.optim.accumulate_gradients` sums
-the gradients of several micro-batches, and ``sgd(..., iter_size=k)`` divides that sum by ``k``
-after clipping, exactly Caffe's order.
+Gradient accumulation (Caffe's ``iter_size``): ``sgd(..., iter_size=k)`` divides the gradients
+it is given by ``k`` after clipping, exactly Caffe's order, so it takes the sum over k
+micro-batches: ``fit`` and ``make_train_step`` form that sum themselves (k stacked batches per
+step), :func:`fnlayers.optim.accumulate_gradients` does it for a loop of one's own.
 """
 
 from __future__ import annotations
