@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fnlayers as fl
+from fnlayers.caffe import wire
 from fnlayers.tensor_ops import from_caffe_blob, to_caffe_blob
 
 DATA = Path(__file__).parent / "data" / "caffe_oracle"
@@ -62,3 +63,34 @@ def test_exported_caffemodel_loads_back_the_same_weights_and_outputs(name, tmp_p
     for blob, want in expected.items():
         scale = max(1.0, float(np.abs(want).max()))
         np.testing.assert_allclose(got[blob], want, atol=2e-5 * scale, rtol=2e-5, err_msg=blob)
+
+
+def _formula(size, *, offset=0.0):
+    """make_fixtures.py's formula_weights / formula_input, computed here again."""
+    i = np.arange(size, dtype=np.float64)
+    return (0.05 * np.sin(0.37 * i + offset)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["mnist__lenet", "cifar10__cifar10_quick"])
+def test_caffes_reference_nets_give_caffes_outputs(name):
+    """Caffe's own deploy prototxts with weights set blob by blob in Caffe's layouts."""
+    prototxt = Path(__file__).parent / "data" / "caffe" / f"{name}.prototxt"
+    net = fl.caffe.load_net(prototxt)
+    # the blobs' Caffe shapes, from an export of the filler weights
+    _, layers = wire.read_net(fl.caffe.save_caffemodel(None, net))
+    written = []
+    for k, layer in enumerate(lay for lay in layers if lay.blobs):
+        blobs = [
+            _formula(b.size, offset=1.3 * k + 0.7 * j).reshape(b.shape)
+            for j, b in enumerate(layer.blobs)
+        ]
+        written.append((layer.name, layer.type, blobs))
+    net = fl.caffe.load_net(prototxt, wire.write_net(net.name, written))
+    (shape,) = net.inputs.values()
+    size = int(np.prod(shape))
+    x = (np.cos(0.11 * np.arange(size, dtype=np.float64)) ** 2).astype(np.float32)
+    outs, _ = net.model.apply(net.params, net.state, from_caffe_blob(x.reshape(shape)))
+    want = np.load(DATA / f"reference_{name}.npz")
+    for key in want.files:
+        got = np.asarray(to_caffe_blob(outs[key.removeprefix("output__")]))
+        np.testing.assert_allclose(got, want[key], rtol=1e-5, atol=1e-6)

@@ -8,6 +8,10 @@ Not run by the tests or CI: the tests read only what it wrote.
 * ``<net>.prototxt`` (written here), ``<net>.caffemodel`` (``caffe.Net.save`` of the net with
   random weights drawn by the script) and ``<net>.npz``: ``input__<blob>`` (NCHW, as Caffe took
   it) and ``output__<blob>`` (every output blob Caffe computed in the TEST phase).
+* ``reference_<net>.npz`` for Caffe's own deploy nets in ``../caffe/`` (LeNet, CIFAR10-quick):
+  ``output__<blob>``, computed by Caffe on the input of :func:`formula_input` with the weights
+  of :func:`formula_weights` (each a fixed function of the position, so neither a caffemodel
+  nor the input needs to be stored: the test computes them again).
 * The solver runs: ``train_net.prototxt`` (HDF5Data -> conv -> ReLU -> InnerProduct ->
   SoftmaxWithLoss) on ``train.h5`` (listed in ``train_h5.txt``), ``init.caffemodel`` (the
   starting weights every run loads), and per solver type ``solver_<type>.prototxt`` and
@@ -190,6 +194,38 @@ def write_nets():
         print(name, {k: v.shape for k, v in arrays.items()})
 
 
+REFERENCE_NETS = ("mnist__lenet", "cifar10__cifar10_quick")
+
+
+def formula_weights(layer_index: int, blob_index: int, size: int) -> np.ndarray:
+    """The value of every element of a blob, by its flat position: small, varied and the same
+    in any program that computes it (the test computes it again)."""
+    i = np.arange(size, dtype=np.float64)
+    return (0.05 * np.sin(0.37 * i + 1.3 * layer_index + 0.7 * blob_index)).astype(np.float32)
+
+
+def formula_input(size: int) -> np.ndarray:
+    return (np.cos(0.11 * np.arange(size, dtype=np.float64)) ** 2).astype(np.float32)
+
+
+def write_reference_nets():
+    for name in REFERENCE_NETS:
+        net = caffe.Net(os.path.join("..", "caffe", f"{name}.prototxt"), caffe.TEST)
+        for k, blobs in enumerate(net.params.values()):
+            for j, blob in enumerate(blobs):
+                blob.data[...] = formula_weights(k, j, blob.data.size).reshape(blob.data.shape)
+        arrays = {}
+        for blob in net.inputs:
+            size = net.blobs[blob].data.size
+            x = formula_input(size).reshape(net.blobs[blob].data.shape)
+            net.blobs[blob].data[...] = x
+        out = net.forward()
+        for blob in net.outputs:
+            arrays[f"output__{blob}"] = np.array(out[blob], np.float32)
+        np.savez(f"reference_{name}.npz", **arrays)
+        print(name, {k: v.shape for k, v in arrays.items()})
+
+
 TRAIN_NET = """
 name: "tiny"
 layer { name: "data" type: "HDF5Data" top: "data" top: "label"
@@ -266,4 +302,5 @@ def write_solver_runs():
 
 if __name__ == "__main__":
     write_nets()
+    write_reference_nets()
     write_solver_runs()
