@@ -137,13 +137,16 @@ layer { name: "abs" type: "AbsVal" bottom: "conv" top: "abs" }
 layer { name: "bnll" type: "BNLL" bottom: "conv" top: "bnll" }
 layer { name: "power" type: "Power" bottom: "abs" top: "power"
   power_param { power: 1.5 scale: 0.5 shift: 1.0 } }
-layer { name: "log" type: "Log" bottom: "power" top: "log" log_param { base: 2 scale: 1.5 shift: 0.25 } }
+layer { name: "log" type: "Log" bottom: "power" top: "log"
+  log_param { base: 2 scale: 1.5 shift: 0.25 } }
 layer { name: "exp" type: "Exp" bottom: "elu" top: "exp" exp_param { scale: 0.5 shift: -0.1 } }
 layer { name: "thresh" type: "Threshold" bottom: "conv" top: "thresh"
   threshold_param { threshold: 0.1 } }
-layer { name: "gate" type: "Scale" bottom: "bnll" bottom: "gain" top: "gate" scale_param { axis: 0 } }
+layer { name: "gate" type: "Scale" bottom: "bnll" bottom: "gain" top: "gate"
+  scale_param { axis: 0 } }
 layer { name: "bias" type: "Bias" bottom: "log" top: "bias" }
-layer { name: "scale_ch" type: "Scale" bottom: "exp" top: "scale_ch" scale_param { bias_term: true } }
+layer { name: "scale_ch" type: "Scale" bottom: "exp" top: "scale_ch"
+  scale_param { bias_term: true } }
 layer { name: "mix" type: "Eltwise" bottom: "gate" bottom: "bias" bottom: "scale_ch"
   bottom: "thresh" bottom: "prelu" top: "mix" }
 layer { name: "slice" type: "Slice" bottom: "mix" top: "mix_a" top: "mix_b"
