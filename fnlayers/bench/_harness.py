@@ -24,20 +24,28 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "DTYPES",
     "ENV_VARS",
     "Timing",
+    "check_dtype",
     "environment",
     "gemm_peak",
     "geomean",
     "markdown_table",
     "on_gpu",
     "publish",
+    "significant",
+    "throughput",
     "time_callable",
     "time_jax",
     "torch_device",
     "torch_sync",
     "write_json",
+    "xla_flops",
 ]
+
+#: The dtypes the conv and train suites run in (``--dtype``), by name.
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Environment variables that change the numbers (allocator, threads, XLA flags).
 ENV_VARS = (
@@ -54,11 +62,14 @@ ENV_VARS = (
 
 @dataclasses.dataclass
 class Timing:
-    """Seconds for one case: ``compile_s`` (0 where nothing compiles), ``times_s`` per rep."""
+    """Seconds for one case: ``compile_s`` (0 where nothing compiles), ``times_s`` per rep;
+    ``xla_flops``: XLA's own count of the compiled program's floating-point operations (None
+    where nothing compiles or the backend does not count; see :func:`xla_flops`)."""
 
     compile_s: float
     first_s: float
     times_s: list[float]
+    xla_flops: float | None = None
 
     @property
     def median_s(self) -> float:
@@ -77,7 +88,7 @@ class Timing:
             "compile_s": self.compile_s,
             "first_call_s": self.first_s,
             "times_ms": [1e3 * t for t in self.times_s],
-        }
+        } | ({} if self.xla_flops is None else {"xla_flops": self.xla_flops})
 
 
 def _block(out):
@@ -93,7 +104,27 @@ def time_jax(fn: Callable, *args, reps: int = 5, warmup: int = 1, min_time_s: fl
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    return _time(lambda: _block(compiled(*args)), compile_s, reps, warmup, min_time_s)
+    timing = _time(lambda: _block(compiled(*args)), compile_s, reps, warmup, min_time_s)
+    timing.xla_flops = xla_flops(compiled)
+    return timing
+
+
+def xla_flops(compiled) -> float | None:
+    """The ``flops`` of a compiled program's ``cost_analysis()``, or None where there is none.
+
+    Recorded beside the analytic counts, not used for TFLOP/s: XLA counts the body of a loop
+    once, whatever its trip count (a convolution tiled into a ``lax.scan`` over 8 blocks shows
+    an eighth of its products), and its native convolution leaves out the taps that fall on
+    padding, so the same computation gets different counts in different implementations.
+    """
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # backends without a cost model raise rather than return None
+        return None
+    if isinstance(cost, list | tuple):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
 
 
 def time_callable(fn: Callable[[], object], *, reps: int = 5, warmup: int = 1, min_time_s=0.0):
@@ -138,18 +169,50 @@ def torch_sync(torch, device: str) -> None:
         torch.cuda.synchronize()
 
 
+def check_dtype(dtype, *, fn: str) -> str:
+    """``dtype`` (a name or a dtype) as one of :data:`DTYPES`' names.
+
+    Raises:
+      ValueError: any other dtype or name.
+    """
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"{fn}: dtype={dtype!r} must be one of {DTYPES}")
+    return name
+
+
 def gemm_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32) -> dict:
-    """The measured matrix-product ceiling: ``jnp.dot`` of two ``n x n`` matrices, GFLOP/s."""
+    """The measured matrix-product ceiling in ``dtype``: ``jnp.dot`` of two ``n x n`` matrices
+    of that dtype, GFLOP/s and TFLOP/s. A bfloat16 or float16 product accumulates in float32
+    (``preferred_element_type``), as fnlayers' convolutions and dense layers do."""
+    dtype = jnp.dtype(check_dtype(dtype, fn="gemm_peak"))
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), dtype)
-    b = jax.random.normal(k2, (n, n), dtype)
-    t = time_jax(jnp.dot, a, b, reps=reps, warmup=2)
+    a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
+
+    def product(a, b):
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    t = time_jax(product, a, b, reps=reps, warmup=2)
+    seconds = t.median_s
     return {
         "n": n,
-        "dtype": jnp.dtype(dtype).name,
+        "dtype": dtype.name,
+        "accumulate": "float32",
         "median_ms": t.median_ms,
-        "gflops": 2 * n**3 / t.median_s / 1e9,
+        "gflops": 2 * n**3 / seconds / 1e9,
+        "tflops": 2 * n**3 / seconds / 1e12,
     }
+
+
+def throughput(flops: float, seconds: float, peak: dict) -> dict:
+    """``{"tflops", "peak_fraction"}``: ``flops`` done in ``seconds``, in TFLOP/s and as a
+    fraction of the measured ``peak`` (a :func:`gemm_peak` result)."""
+    tflops = flops / seconds / 1e12
+    return {"tflops": tflops, "peak_fraction": tflops / peak["tflops"]}
 
 
 def environment(extra: dict | None = None) -> dict:
@@ -219,6 +282,14 @@ def _cell(v) -> str:
             return "—"
         return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def significant(v: float | None, digits: int = 3) -> str | None:
+    """``v`` to ``digits`` significant digits, as a table cell (TFLOP/s on a CPU are
+    hundredths, on a GPU hundreds: a fixed number of decimals suits neither)."""
+    if v is None or v != v:
+        return None
+    return f"{v:.{digits}g}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

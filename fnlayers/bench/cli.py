@@ -2,9 +2,11 @@
 
 fnlayers-bench conv [--quick] [--out results.json] [--cases a,b] [--impls im2col,xla]
                     [--no-torch] [--torch-threads N] [--reps N] [--floor]
+                    [--dtype float32|bfloat16|float16]
 fnlayers-bench train [--quick | --tiny] [--out results.json] [--models a,b]
                      [--frameworks fnlayers,fnlayers-xla,flax,torch] [--batch NAME=N]
                      [--no-memory | --memory] [--torch-threads N] [--reps N]
+                     [--dtype float32|bfloat16|float16]
 fnlayers-bench scale [--quick | --tiny] [--out results.json] [--devices 1,2,4] [--models a,b]
                      [--batch NAME=N] [--global-batch NAME=N] [--reps N] [--no-overhead]
 
@@ -22,15 +24,18 @@ import os
 import subprocess
 import sys
 
+from fnlayers.bench._harness import DTYPES
+
 __all__ = ["main"]
 
 
-def _default_out(suite: str, quick: bool) -> str:
+def _default_out(suite: str, quick: bool, dtype: str | None = None) -> str:
     import jax
 
-    # Named by date and device, like every file in benchmarks/results/.
+    # Named by date and device, like every file in benchmarks/results/, and by dtype where
+    # the suite takes one.
     now = datetime.datetime.now()
-    tag = "-quick" if quick else ""
+    tag = ("" if dtype is None else f"-{dtype}") + ("-quick" if quick else "")
     platform = jax.devices()[0].platform
     return f"benchmarks/results/{now:%Y-%m-%d}-{platform}-{suite}{tag}-{now:%H%M%S}.json"
 
@@ -50,7 +55,8 @@ def _conv(args) -> int:
         cases = [c for n in names for c in pool if c.name == n]
     else:
         cases = conv.CASES
-    out = None if args.no_out else (args.out or _default_out("conv", args.quick or args.tiny))
+    quick = args.quick or args.tiny
+    out = None if args.no_out else (args.out or _default_out("conv", quick, args.dtype))
     conv.run(
         quick=args.quick or args.tiny,
         cases=cases,
@@ -61,6 +67,7 @@ def _conv(args) -> int:
         reps=args.reps,
         gemm_n=256 if args.tiny else None,
         floor=args.floor,
+        dtype=args.dtype,
         out=out,
     )
     return 0
@@ -92,7 +99,7 @@ def _train(args) -> int:
         print(f"unknown framework(s) {unknown}; known: {train.FRAMEWORKS}", file=sys.stderr)
         return 2
     quick = args.quick or args.tiny
-    out = None if args.no_out else (args.out or _default_out("train", quick))
+    out = None if args.no_out else (args.out or _default_out("train", quick, args.dtype))
     train.run(
         quick=quick,
         models=models,
@@ -100,6 +107,8 @@ def _train(args) -> int:
         torch_threads=args.torch_threads,
         reps=args.reps,
         memory=args.memory,
+        dtype=args.dtype,
+        gemm_n=256 if args.tiny else None,
         out=out,
     )
     return 0
@@ -177,6 +186,15 @@ def _rerun_with_host_devices(argv, wanted: int) -> int | None:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
+def _dtype_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help=f"{what}; TFLOP/s are compared with a matrix product measured in it (default float32)",
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fnlayers-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="suite", required=True)
@@ -198,6 +216,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time the matrix products alone (jnp and torch.matmul) at im2col's blocks",
     )
+    _dtype_argument(c, "the input's and the weight's dtype (the products accumulate in float32)")
     c.set_defaults(func=_conv)
 
     t = sub.add_parser("train", help="images/s of a full train step: fnlayers vs Flax vs PyTorch")
@@ -221,6 +240,7 @@ def main(argv=None) -> int:
         "--torch-threads", type=int, help="PyTorch threads (default: best of all cores and 1)"
     )
     t.add_argument("--reps", type=int, help="timed steps per case")
+    _dtype_argument(t, "the compute dtype of every framework's step (parameters stay float32)")
     t.set_defaults(func=_train)
 
     s = sub.add_parser(

@@ -1,15 +1,22 @@
 """The ``conv`` suite: forward and forward+backward of one convolution layer.
 
-Layer shapes (NHWC input, HWIO weight, float32) are those of AlexNet conv1-3, Caffe's
-CIFAR10-quick conv2, LeNet conv2 and a VGG 3x3 128->128 layer at 56x56. Each is timed for
-``impl="im2col"`` and ``impl="xla"`` and, when it is importable, for PyTorch (``F.conv2d`` in
-whichever of NCHW and channels-last memory format, and of ``torch.set_num_threads`` set to the
-cores this process may use or to 1, is fastest for that case; the choice is recorded).
-Forward+backward is ``value_and_grad`` of ``sum(y**2)`` with respect to ``x`` and ``w``.
+Layer shapes (NHWC input, HWIO weight) are those of AlexNet conv1-3, Caffe's CIFAR10-quick
+conv2, LeNet conv2 and a VGG 3x3 128->128 layer at 56x56. Each is timed for ``impl="im2col"``
+and ``impl="xla"`` and, when it is importable, for PyTorch (``F.conv2d`` in whichever of NCHW
+and channels-last memory format, and of ``torch.set_num_threads`` set to the cores this process
+may use or to 1, is fastest for that case; the choice is recorded). Forward+backward is
+``value_and_grad`` of ``sum(y**2)`` (summed in float32) with respect to ``x`` and ``w``.
 
-Reported: median ms, GFLOP/s (2·N·OH·OW·C_out·KH·KW·C_in/groups per product; forward+backward
-counts three products), percent of the ``jnp.dot`` 2048³ peak measured in the same run, the ratios
-im2col/xla and im2col/torch, and their geometric means over the cases.
+``dtype`` (float32, bfloat16 or float16): the input and the weight are in it, for every
+implementation (the fnlayers products accumulate in float32). PyTorch runs float16 on CUDA only:
+on a CPU that case is skipped and the payload says why.
+
+Reported: median ms; achieved TFLOP/s from the analytic count 2·N·OH·OW·C_out·KH·KW·C_in/groups
+per product (forward+backward counts three products), the same count for every implementation;
+that over the ``jnp.dot`` peak measured in the same run and dtype (``peak_fraction``); XLA's own
+count of each compiled program (``xla_flops``, recorded only: see
+:func:`fnlayers.bench._harness.xla_flops`); the ratios im2col/xla and im2col/torch, and their
+geometric means over the cases.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import numpy as np
 import fnlayers as fl
 from fnlayers.bench import floor as floor_
 from fnlayers.bench._harness import (
+    check_dtype,
     environment,
     gemm_peak,
     geomean,
     markdown_table,
     on_gpu,
     publish,
+    significant,
+    throughput,
     time_callable,
     time_jax,
     torch_device,
@@ -108,7 +118,8 @@ def _jax_fns(case: ConvCase, impl: str):
         )
 
     def loss(x, w):
-        return jnp.sum(jnp.square(fwd(x, w)))
+        # Summed in float32: a float16 sum of squares overflows at 65504.
+        return jnp.sum(jnp.square(fwd(x, w).astype(jnp.float32)))
 
     return {"fwd": fwd, "fwd+bwd": jax.value_and_grad(loss, argnums=(0, 1))}
 
@@ -125,8 +136,16 @@ def _torch():
     return torch
 
 
-def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
-    """Times PyTorch in both memory formats and each thread count; keeps the fastest.
+def torch_skip_reason(dtype: str, device: str) -> str | None:
+    """Why PyTorch is not timed in ``dtype`` on ``device`` (None: it is)."""
+    if dtype == "float16" and device == "cpu":
+        return "float16 on the CPU is not timed for PyTorch, whose CPU mixed precision is bfloat16"
+    return None
+
+
+def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts, dtype="float32"):
+    """Times PyTorch in both memory formats and each thread count; keeps the fastest. The
+    input and weight are in ``dtype``, as for JAX.
 
     Returns ``(timing, config)``. More than one thread count is worth trying on a shared machine:
     with every core busy, PyTorch's OpenMP threads can wait on each other for a scheduler slice
@@ -141,8 +160,10 @@ def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for fmt in ("channels_last", "nchw"):
-            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
-            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))).to(device)
+            tdtype = getattr(torch, dtype)
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+            xt, wt = xt.to(device, tdtype), wt.to(device, tdtype)
             if fmt == "channels_last":
                 xt = xt.contiguous(memory_format=torch.channels_last)
                 wt = wt.contiguous(memory_format=torch.channels_last)
@@ -160,7 +181,7 @@ def _time_torch(torch, case, x, w, mode, reps, min_time_s, thread_counts):
                 wt.requires_grad_(True)
 
                 def call(xt=xt, wt=wt, kw=kw):
-                    y = F.conv2d(xt, wt, **kw)
+                    y = F.conv2d(xt, wt, **kw).float()
                     loss = (y * y).sum()
                     return loss.item(), torch.autograd.grad(loss, (xt, wt))
 
@@ -181,6 +202,7 @@ def run(
     reps: int | None = None,
     gemm_n: int | None = None,
     floor: bool = False,
+    dtype: str = "float32",
     out: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -189,12 +211,20 @@ def run(
     ``torch_threads`` threads (default: the faster of all cores and one thread, per case).
     ``floor`` also times the matrix products alone (``fnlayers.bench.floor``) with ``jnp`` and,
     where importable, ``torch.matmul``: what an im2col convolution costs with free columns.
+    ``dtype``: one of :data:`fnlayers.bench._harness.DTYPES`, the dtype of the inputs, the
+    weights and the GEMM peak.
     """
+    dtype = check_dtype(dtype, fn="conv.run")
     cases = CASES if cases is None else tuple(cases)
     reps = reps or (3 if quick else 7)
     min_time_s = 0.0 if quick else 0.5
     gemm_n = gemm_n or (8192 if on_gpu() else 1024 if quick else 2048)
     th = _torch() if torch else None
+    skipped = {}
+    if th is not None:
+        reason = torch_skip_reason(dtype, torch_device(th))
+        if reason is not None:
+            th, skipped["torch"] = None, reason
     thread_counts = [torch_threads] if torch_threads else sorted({_cores(), 1}, reverse=True)
     t_start = time.perf_counter()
 
@@ -202,8 +232,10 @@ def run(
         if verbose:
             print(msg, flush=True)
 
-    peak = gemm_peak(gemm_n, reps=reps)
-    log(f"GEMM peak (jnp.dot {gemm_n}^3 float32): {peak['gflops']:.1f} GFLOP/s")
+    peak = gemm_peak(gemm_n, reps=reps, dtype=dtype)
+    log(f"GEMM peak (jnp.dot {gemm_n}^3 {dtype}): {peak['tflops']:.3g} TFLOP/s")
+    for name, reason in skipped.items():
+        log(f"{name} skipped: {reason}")
     rng = np.random.default_rng(0)
     results = []
     for case in cases:
@@ -212,30 +244,31 @@ def run(
             (case.kernel, case.kernel, case.c_in // case.groups, case.c_out)
         ).astype(np.float32)
         w *= np.float32(1.0 / np.sqrt(w[..., 0].size))
-        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
         for mode in modes:
             row = {"case": case.name, "shape": case.describe(), "mode": mode, "impls": {}}
             nflops = case.flops * (1 if mode == "fwd" else 3)
+            row["flops"] = nflops
+            timed = dict(reps=reps, min_time_s=min_time_s)
             for impl in impls:
-                t = time_jax(_jax_fns(case, impl)[mode], xj, wj, reps=reps, min_time_s=min_time_s)
-                row["impls"][impl] = t.as_dict() | {"gflops": nflops / t.median_s / 1e9}
+                t = time_jax(_jax_fns(case, impl)[mode], xj, wj, **timed)
+                row["impls"][impl] = t.as_dict()
             if th is not None:
-                t, cfg = _time_torch(th, case, x, w, mode, reps, min_time_s, thread_counts)
-                row["impls"]["torch"] = t.as_dict() | {"gflops": nflops / t.median_s / 1e9} | cfg
+                t, cfg = _time_torch(th, case, x, w, mode, reps, min_time_s, thread_counts, dtype)
+                row["impls"]["torch"] = t.as_dict() | cfg
             if floor:
-                t, shape = floor_.time_products_jax(case, mode, reps=reps, min_time_s=min_time_s)
-                gf = {"gflops": nflops / t.median_s / 1e9, "blocks": shape}
-                row["impls"]["products"] = t.as_dict() | gf
+                t, shape = floor_.time_products_jax(case, mode, dtype=dtype, **timed)
+                row["impls"]["products"] = t.as_dict() | {"blocks": shape}
                 if th is not None:
                     threads = row["impls"]["torch"]["threads"]
                     t = floor_.time_products_torch(
-                        th, case, mode, reps=reps, min_time_s=min_time_s, threads=threads
+                        th, case, mode, threads=threads, dtype=dtype, **timed
                     )
-                    gf = {"gflops": nflops / t.median_s / 1e9, "threads": threads}
-                    row["impls"]["torch-products"] = t.as_dict() | gf
+                    row["impls"]["torch-products"] = t.as_dict() | {"threads": threads}
             ms = {k: v["median_ms"] for k, v in row["impls"].items()}
             for v in row["impls"].values():
-                v["pct_peak"] = 100.0 * v["gflops"] / peak["gflops"]
+                seconds = v["median_ms"] / 1e3
+                v |= {"gflops": nflops / seconds / 1e9} | throughput(nflops, seconds, peak)
             row["ratios"] = {
                 f"{a}/{b}": ms[a] / ms[b]
                 for a in ms
@@ -249,7 +282,10 @@ def run(
             results.append(row)
             log(
                 f"{case.name:20s} {mode:8s} "
-                + "  ".join(f"{k} {v:8.2f} ms" for k, v in ms.items())
+                + "  ".join(
+                    f"{k} {v:8.2f} ms {row['impls'][k]['tflops']:.3g} TFLOP/s"
+                    for k, v in ms.items()
+                )
                 + "  "
                 + "  ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items())
             )
@@ -263,13 +299,20 @@ def run(
             f"max {k}": max((r["ratios"][k] for r in rows if k in r["ratios"]), default=None)
             for k in keys
         }
-    extra = {"torch": None, "floor": floor}
+    extra = {"torch": None, "floor": floor, "skipped": skipped}
     if th is not None:
         extra["torch"] = {"version": th.__version__, "threads_tried": thread_counts}
     payload = {
         "suite": "conv",
         "quick": quick,
         "reps": reps,
+        "dtype": dtype,
+        "flops": {
+            "source": "analytic",
+            "formula": "2*N*OH*OW*C_out*KH*KW*C_in/groups per product; forward+backward x3",
+            "xla_flops": "XLA's cost_analysis() of each JAX program, recorded only: it counts "
+            "a loop body once and leaves out padded taps",
+        },
         "environment": environment(extra),
         "gemm_peak": peak,
         "results": results,
@@ -281,7 +324,8 @@ def run(
 
 
 def format_table(payload: dict) -> str:
-    """The Markdown table of a conv payload: ms per impl, im2col GFLOP/s and % of peak, ratios."""
+    """The Markdown table of a conv payload: ms, achieved TFLOP/s and the fraction of the
+    measured GEMM peak per implementation, then the ratios."""
     impls = []
     for r in payload["results"]:
         impls += [k for k in r["impls"] if k not in impls]
@@ -289,8 +333,7 @@ def format_table(payload: dict) -> str:
     for r in payload["results"]:
         ratio_keys += [k for k in r["ratios"] if k not in ratio_keys]
     header = ["layer", "shape", "mode"] + [f"{k} ms" for k in impls]
-    if "im2col" in impls:
-        header += ["im2col GFLOP/s", "im2col % peak"]
+    header += [f"{k} TFLOP/s" for k in impls] + [f"{k} of peak" for k in impls]
     header += ratio_keys
     has_torch = "torch" in impls
     if has_torch:
@@ -298,9 +341,10 @@ def format_table(payload: dict) -> str:
     rows = []
     for r in payload["results"]:
         row = [r["case"], r["shape"], r["mode"]]
-        row += [r["impls"][k]["median_ms"] if k in r["impls"] else None for k in impls]
-        if "im2col" in impls:
-            row += [r["impls"]["im2col"]["gflops"], r["impls"]["im2col"]["pct_peak"]]
+        found = [r["impls"].get(k, {}) for k in impls]
+        row += [t.get("median_ms") for t in found]
+        row += [significant(t.get("tflops")) for t in found]
+        row += [significant(t.get("peak_fraction"), 2) for t in found]
         row += [r["ratios"].get(k) for k in ratio_keys]
         if has_torch:
             t = r["impls"].get("torch", {})
@@ -310,15 +354,16 @@ def format_table(payload: dict) -> str:
         rows.append(row)
     for mode, s in payload["summary"].items():
         for agg in ("geomean", "max"):
-            row = ["**" + agg + "**", "", mode] + [None] * len(impls)
-            row += [None, None] if "im2col" in impls else []
+            row = ["**" + agg + "**", "", mode] + [None] * (3 * len(impls))
             row += [s.get(f"{agg} {k}") for k in ratio_keys]
             row += [None] if has_torch else []
             rows.append(row)
     env = payload["environment"]
     torch = env.get("torch") or {}
+    peak = payload["gemm_peak"]
+    skipped = "".join(f"; {k} skipped: {v}" for k, v in (env.get("skipped") or {}).items())
     lines = [
-        f"conv suite, {env['device']['platform']} ({env['device']['kind']}, "
+        f"conv suite, {payload['dtype']}, {env['device']['platform']} ({env['device']['kind']}, "
         f"{env['processor']}, {env['cpu_count']} cores), jax {env['jax']}, jaxlib {env['jaxlib']}"
         + (
             f", torch {torch['version']} (fastest of threads {torch['threads_tried']} and "
@@ -326,9 +371,10 @@ def format_table(payload: dict) -> str:
             if torch
             else ""
         )
-        + f"; GEMM peak {payload['gemm_peak']['gflops']:.1f} GFLOP/s "
-        f"(jnp.dot {payload['gemm_peak']['n']}³); medians of {payload['reps']}+ runs; "
-        f"env {env['env'] or '{}'}",
+        + skipped
+        + f"; GEMM peak {peak['tflops']:.3g} TFLOP/s (jnp.dot {peak['n']}³ {peak['dtype']}, "
+        "float32 accumulation); TFLOP/s from the analytic count (2·N·OH·OW·C_out·KH·KW·C_in/groups"
+        f", x3 for fwd+bwd); medians of {payload['reps']}+ runs; env {env['env'] or '{}'}",
         "",
         markdown_table(header, rows),
     ]

@@ -5,7 +5,9 @@ block shapes it runs them (``fnlayers.conv.blocking.plan_blocks``, the plan the 
 itself follows), with no columns built: the forward product ``cols · W`` and, for
 forward+backward, also ``dYᵀ · cols`` and ``dY · Wᵀ``. Random operands of those shapes stand in
 for the real ones; the time of one block is multiplied by the number of blocks. The same
-products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where PyTorch is importable.
+products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where PyTorch is importable. In a
+``dtype`` other than float32 the operands are in it and the ``jnp`` products accumulate in
+float32 (``preferred_element_type``), as the convolution's own products do.
 
 If these products alone take longer than PyTorch's whole layer, no column construction can make
 im2col + GEMM match it on that machine: the products are the part of the method that is left
@@ -30,16 +32,17 @@ if TYPE_CHECKING:
 __all__ = ["block_shapes", "time_products_jax", "time_products_torch"]
 
 
-def block_shapes(case: ConvCase) -> dict[str, int]:
+def block_shapes(case: ConvCase, dtype: str = "float32") -> dict[str, int]:
     """``{"m", "k", "o", "groups", "blocks"}``: each block's column rows ``m``, the product's
-    depth ``k`` and outputs ``o`` per group, and how many blocks one call runs (float32)."""
+    depth ``k`` and outputs ``o`` per group, and how many blocks one call runs in ``dtype``
+    (the blocks are sized in bytes, so a 2-byte dtype gets twice the rows)."""
     plan = plan_blocks(
         (case.n, case.h, case.w, case.c_in),
         case.kernel,
         stride=case.stride,
         padding=case.padding,
         groups=case.groups,
-        dtype=np.float32,
+        dtype=jnp.dtype(dtype),
     )
     groups, m, k = plan.cols_shape
     return {"m": m, "k": k, "o": case.c_out // groups, "groups": groups, "blocks": plan.blocks}
@@ -55,18 +58,23 @@ def _operands(shape, mode, seed=0):
 
 
 def time_products_jax(
-    case: ConvCase, mode: str, *, reps: int, min_time_s: float
+    case: ConvCase, mode: str, *, reps: int, min_time_s: float, dtype: str = "float32"
 ) -> tuple[Timing, dict[str, int]]:
-    """``Timing`` of one call's products with ``jnp`` (batched over groups) on JAX's device."""
-    shape = block_shapes(case)
-    ops = [jnp.asarray(a) for a in _operands(shape, mode)]
+    """``Timing`` of one call's products with ``jnp`` (batched over groups) on JAX's device,
+    operands in ``dtype``."""
+    shape = block_shapes(case, dtype)
+    ops = [jnp.asarray(a, dtype) for a in _operands(shape, mode)]
+
+    def einsum(spec, a, b):
+        out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+        return out.astype(a.dtype)
 
     def products(cols, w, dy=None):
-        y = jnp.einsum("gmk,gko->gmo", cols, w)
+        y = einsum("gmk,gko->gmo", cols, w)
         if dy is None:
             return y
-        dw = jnp.einsum("gmo,gmk->gok", dy, cols)  # dYᵀ·cols, as conv2d computes it
-        dcols = jnp.einsum("gmo,gko->gmk", dy, w)
+        dw = einsum("gmo,gmk->gok", dy, cols)  # dYᵀ·cols, as conv2d computes it
+        dcols = einsum("gmo,gko->gmk", dy, w)
         return y, dw, dcols
 
     t = time_jax(products, *ops, reps=reps, warmup=2, min_time_s=min_time_s)
@@ -74,13 +82,22 @@ def time_products_jax(
 
 
 def time_products_torch(
-    torch: ModuleType, case: ConvCase, mode: str, *, reps: int, min_time_s: float, threads: int
+    torch: ModuleType,
+    case: ConvCase,
+    mode: str,
+    *,
+    reps: int,
+    min_time_s: float,
+    threads: int,
+    dtype: str = "float32",
 ) -> Timing:
-    """The same products with ``torch.matmul`` (``threads`` threads on the CPU)."""
-    shape = block_shapes(case)
+    """The same products with ``torch.matmul`` (``threads`` threads on the CPU), operands in
+    ``dtype``."""
+    shape = block_shapes(case, dtype)
     device = torch_device(torch)
     torch.set_num_threads(threads)
-    ops = [torch.from_numpy(a).to(device) for a in _operands(shape, mode)]
+    tdtype = getattr(torch, dtype)
+    ops = [torch.from_numpy(a).to(device, tdtype) for a in _operands(shape, mode)]
 
     def call():
         with torch.inference_mode():

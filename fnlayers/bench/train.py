@@ -18,15 +18,33 @@ and weight decay 5e-4, for Caffe's LeNet (batch 64), CIFAR10-quick (batch 100) a
   ``LocalResponseNorm``), ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4)``; timed in NCHW and
   channels-last and with ``torch.set_num_threads`` = all cores and = 1, keeping the fastest.
 
+``dtype`` (float32, bfloat16 or float16) is the compute dtype; the parameters stay float32
+everywhere (mixed precision): fnlayers through ``make_train_step(..., compute_dtype=dtype)``,
+Flax through ``dtype=`` on every ``nn.Conv``/``nn.Dense`` (``param_dtype`` float32) with the
+logits cast to float32 for the loss, PyTorch through ``torch.autocast`` on CUDA in ``dtype``
+and on the CPU in bfloat16 (float16 on the CPU is skipped: PyTorch's CPU mixed precision is
+bfloat16). No loss scaling: a float16 step of these networks is timed, not trained to
+convergence, and scaling adds a multiply and a finiteness check that no peer does here.
+
 Reported per model and framework: median step time and images/s over repeated steps after
-warm-up, the first call (JAX: ``lower().compile()`` timed apart as compile time; PyTorch has no
-compile step, its first call is reported instead), ratios of images/s against Flax and PyTorch
+warm-up, achieved TFLOP/s and its fraction of the matrix-product peak measured in the same run
+and dtype (``jnp.dot`` of two n x n matrices, float32 accumulation), the first call (JAX:
+``lower().compile()`` timed apart as compile time; PyTorch has no compile step, its first call
+is reported instead), ratios of images/s against Flax and PyTorch
 measured in the same run, and peak memory. Peak memory is measured in a fresh subprocess per
 framework and model: the peak resident set (Linux ``VmHWM``, reset after the imports) after init,
 compile and three steps, minus the resident set after the imports (the process baseline; a
 child inherits its parent's ``ru_maxrss``, so that is not used on Linux); for JAX the
 compiled step's ``memory_analysis()`` (arguments
 + outputs + temporaries, minus aliased donated buffers) is recorded as well.
+
+The FLOPs of a step are counted analytically, the same for every framework: 2 x the weight's
+size x the output positions of every convolution and inner-product layer (its forward product),
+times 3 for forward and backward (the input and the weight gradients). This counts the first
+layer's input gradient, which no framework computes, and leaves out pooling, LRN, the loss and
+the update. XLA's own count of each compiled JAX step is recorded beside it (``xla_flops``); it
+is not used because XLA counts a loop body once (the CPU's tiled convolutions) and its native
+convolution leaves out padded taps.
 """
 
 from __future__ import annotations
@@ -45,12 +63,17 @@ import numpy as np
 
 import fnlayers as fl
 from fnlayers.bench._harness import (
+    check_dtype,
     environment,
+    gemm_peak,
     markdown_table,
     on_gpu,
     publish,
+    significant,
+    throughput,
     time_callable,
     torch_device,
+    xla_flops,
 )
 
 __all__ = ["FRAMEWORKS", "MODELS", "TINY_MODELS", "TrainCase", "run"]
@@ -98,9 +121,26 @@ def _data(case: TrainCase, seed: int = 0):
 # ----------------------------------------------------------------------------- fnlayers
 
 
-def build_fnlayers(case: TrainCase, impl: str = "im2col"):
+def model_flops(case: TrainCase) -> float:
+    """The analytic FLOPs of one train step of ``fnlayers.models.<case.name>`` at
+    ``case.batch``: 3 x the forward products of its convolution and inner-product layers (see
+    the module docstring)."""
+    model = getattr(fl.models, case.name)(case.classes)
+    shapes = {name: out for name, out, _ in fl.layers.layer_shapes(model, case.in_shape)}
+    _, params, _ = jax.eval_shape(lambda k: model.init(k, case.in_shape), jax.random.key(0))
+    forward = 0.0
+    for node in fl.layers.walk(model, params):
+        if node.layer.kind in ("conv2d", "dense"):
+            out = shapes[node.label]
+            positions = int(np.prod(out[:-1]))  # N*OH*OW for a convolution, N for a dense layer
+            forward += 2.0 * positions * int(np.prod(node.params["w"].shape))
+    return 3.0 * forward
+
+
+def build_fnlayers(case: TrainCase, impl: str = "im2col", dtype: str = "float32"):
     """``(step, train_state)`` for ``fnlayers.models.<case.name>``; ``step(ts, x, y)`` donates
-    ``ts``."""
+    ``ts``. A ``dtype`` other than float32 is the step's ``compute_dtype`` (the parameters stay
+    float32)."""
     model = getattr(fl.models, case.name)(case.classes, impl=impl)
     lr_mult, decay_mult = fl.param_mults(model)
     opt = fl.optim.sgd(
@@ -111,7 +151,9 @@ def build_fnlayers(case: TrainCase, impl: str = "im2col"):
         decay_mult=decay_mult,
     )
     ts = fl.train.create_train_state(model, opt, case.in_shape, jax.random.key(0))
-    step = fl.train.make_train_step(model, fl.losses.softmax_cross_entropy, opt)
+    # float32 is the plain step, with no precision policy at all.
+    mixed = {} if dtype == "float32" else {"compute_dtype": jnp.dtype(dtype)}
+    step = fl.train.make_train_step(model, fl.losses.softmax_cross_entropy, opt, **mixed)
     return step, ts
 
 
@@ -119,70 +161,79 @@ def build_fnlayers(case: TrainCase, impl: str = "im2col"):
 
 
 def _flax_lrn(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
+    # In float32 whatever x's dtype, as fnlayers' LRN computes it.
+    xa = x.astype(jnp.float32)
     half = size // 2
-    sq = jnp.pad(jnp.square(x), ((0, 0), (0, 0), (0, 0), (half, half)))
+    sq = jnp.pad(jnp.square(xa), ((0, 0), (0, 0), (0, 0), (half, half)))
     c = x.shape[-1]
     s = sum(sq[..., i : i + c] for i in range(size))
-    return x * (k + (alpha / size) * s) ** -beta
+    return (xa * (k + (alpha / size) * s) ** -beta).astype(x.dtype)
 
 
-def _flax_module(case: TrainCase):
+def _flax_module(case: TrainCase, dtype: str = "float32"):
+    import functools
+
     import flax.linen as nn
 
     # Caffe rounds pooled sizes up; one extra row/column on the far side gives the same shapes.
     ceil_pad = ((0, 1), (0, 1))
+    # Computed in dtype, parameters kept float32: the same mixed precision as fnlayers' step.
+    mixed = dict(dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
+    Conv = functools.partial(nn.Conv, **mixed)
+    Dense = functools.partial(nn.Dense, **mixed)
 
     class LeNet(nn.Module):
         @nn.compact
         def __call__(self, x, train=True):
-            x = nn.Conv(20, (5, 5), padding="VALID")(x)
+            x = Conv(20, (5, 5), padding="VALID")(x)
             x = nn.max_pool(x, (2, 2), (2, 2))
-            x = nn.Conv(50, (5, 5), padding="VALID")(x)
+            x = Conv(50, (5, 5), padding="VALID")(x)
             x = nn.max_pool(x, (2, 2), (2, 2))
-            x = nn.relu(nn.Dense(500)(x.reshape(x.shape[0], -1)))
-            return nn.Dense(case.classes)(x)
+            x = nn.relu(Dense(500)(x.reshape(x.shape[0], -1)))
+            return Dense(case.classes)(x)
 
     class Cifar10Quick(nn.Module):
         @nn.compact
         def __call__(self, x, train=True):
-            x = nn.Conv(32, (5, 5), padding=2)(x)
+            x = Conv(32, (5, 5), padding=2)(x)
             x = nn.relu(nn.max_pool(x, (3, 3), (2, 2), padding=ceil_pad))
-            x = nn.relu(nn.Conv(32, (5, 5), padding=2)(x))
+            x = nn.relu(Conv(32, (5, 5), padding=2)(x))
             x = nn.avg_pool(x, (3, 3), (2, 2), padding=ceil_pad)
-            x = nn.relu(nn.Conv(64, (5, 5), padding=2)(x))
+            x = nn.relu(Conv(64, (5, 5), padding=2)(x))
             x = nn.avg_pool(x, (3, 3), (2, 2), padding=ceil_pad)
-            x = nn.Dense(64)(x.reshape(x.shape[0], -1))
-            return nn.Dense(case.classes)(x)
+            x = Dense(64)(x.reshape(x.shape[0], -1))
+            return Dense(case.classes)(x)
 
     class AlexNet(nn.Module):
         @nn.compact
         def __call__(self, x, train=True):
-            x = nn.relu(nn.Conv(96, (11, 11), (4, 4), padding="VALID")(x))
+            x = nn.relu(Conv(96, (11, 11), (4, 4), padding="VALID")(x))
             x = nn.max_pool(_flax_lrn(x), (3, 3), (2, 2))
-            x = nn.relu(nn.Conv(256, (5, 5), padding=2, feature_group_count=2)(x))
+            x = nn.relu(Conv(256, (5, 5), padding=2, feature_group_count=2)(x))
             x = nn.max_pool(_flax_lrn(x), (3, 3), (2, 2))
-            x = nn.relu(nn.Conv(384, (3, 3), padding=1)(x))
-            x = nn.relu(nn.Conv(384, (3, 3), padding=1, feature_group_count=2)(x))
-            x = nn.relu(nn.Conv(256, (3, 3), padding=1, feature_group_count=2)(x))
+            x = nn.relu(Conv(384, (3, 3), padding=1)(x))
+            x = nn.relu(Conv(384, (3, 3), padding=1, feature_group_count=2)(x))
+            x = nn.relu(Conv(256, (3, 3), padding=1, feature_group_count=2)(x))
             x = nn.max_pool(x, (3, 3), (2, 2)).reshape(x.shape[0], -1)
-            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(4096)(x)))
-            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(4096)(x)))
-            return nn.Dense(case.classes)(x)
+            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(Dense(4096)(x)))
+            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(Dense(4096)(x)))
+            return Dense(case.classes)(x)
 
     return {"lenet": LeNet, "cifar10_quick": Cifar10Quick, "alexnet": AlexNet}[case.name]()
 
 
-def build_flax(case: TrainCase):
+def build_flax(case: TrainCase, dtype: str = "float32"):
     """``(step, state)``: a Flax linen network and a hand-written momentum SGD step, jitted
-    with the state donated."""
-    module = _flax_module(case)
+    with the state donated; the layers compute in ``dtype`` and keep float32 parameters."""
+    module = _flax_module(case, dtype)
     k_init, k_run = jax.random.split(jax.random.key(0))
     params = module.init(k_init, jnp.zeros(case.in_shape, jnp.float32), train=False)["params"]
     momentum = jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def loss_fn(params, key, x, y):
         logits = module.apply({"params": params}, x, train=True, rngs={"dropout": key})
-        return fl.losses.softmax_cross_entropy(logits, y)
+        # The loss in float32, as fnlayers' step computes it under a compute dtype.
+        return fl.losses.softmax_cross_entropy(logits.astype(jnp.float32), y)
 
     def step(state, x, y):
         params, momentum, key = state
@@ -268,11 +319,25 @@ def _torch_module(torch, case: TrainCase):
     return nn.Sequential(*layers)
 
 
-def build_torch(torch, case: TrainCase, memory_format: str):
+def torch_skip_reason(dtype: str, device: str) -> str | None:
+    """Why PyTorch's step is not timed in ``dtype`` on ``device`` (None: it is)."""
+    if dtype == "float16" and device == "cpu":
+        return "float16 on the CPU is not timed for PyTorch, whose CPU mixed precision is bfloat16"
+    return None
+
+
+def build_torch(torch, case: TrainCase, memory_format: str, dtype: str = "float32"):
     """A zero-argument callable running one PyTorch train step (returns the loss as a float:
-    that synchronises, like ``block_until_ready``). On CUDA when JAX itself runs on a GPU."""
+    that synchronises, like ``block_until_ready``). On CUDA when JAX itself runs on a GPU. A
+    ``dtype`` other than float32 runs the forward pass and the loss under
+    ``torch.autocast(device, dtype)`` (float32 parameters, as fnlayers and Flax keep them)."""
+    import contextlib
+
     torch.manual_seed(0)
     device = torch_device(torch)
+    reason = torch_skip_reason(dtype, device)
+    if reason is not None:
+        raise ValueError(f"build_torch: dtype={dtype!r}: {reason}")
     model = _torch_module(torch, case).train().to(device)
     x, y = _data(case)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
@@ -285,9 +350,15 @@ def build_torch(torch, case: TrainCase, memory_format: str):
     )
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    def autocast():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=getattr(torch, dtype))
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xt), yt)
+        with autocast():
+            loss = loss_fn(model(xt), yt)
         loss.backward()
         opt.step()
         return loss.item()
@@ -323,18 +394,20 @@ def _memory_analysis(compiled) -> dict | None:
     return out
 
 
-def _build_jax(framework: str, case: TrainCase):
+def _build_jax(framework: str, case: TrainCase, dtype: str = "float32"):
     if framework == "fnlayers":
-        return build_fnlayers(case, "im2col")
+        return build_fnlayers(case, "im2col", dtype)
     if framework == "fnlayers-xla":
-        return build_fnlayers(case, "xla")
+        return build_fnlayers(case, "xla", dtype)
     if framework == "flax":
-        return build_flax(case)
+        return build_flax(case, dtype)
     raise ValueError(framework)
 
 
-def time_jax_step(framework: str, case: TrainCase, reps: int, min_time_s: float):
-    step, state = _build_jax(framework, case)
+def time_jax_step(
+    framework: str, case: TrainCase, reps: int, min_time_s: float, dtype: str = "float32"
+):
+    step, state = _build_jax(framework, case, dtype)
     x, y = (jnp.asarray(a) for a in _data(case))
     # Initialisation is dispatched asynchronously: let it finish, or it competes with the
     # compiler for the cores and is counted as compile time.
@@ -346,10 +419,11 @@ def time_jax_step(framework: str, case: TrainCase, reps: int, min_time_s: float)
         _Stepper(compiled, state, x, y), reps=reps, warmup=2, min_time_s=min_time_s
     )
     timing.compile_s = compile_s
+    timing.xla_flops = xla_flops(compiled)
     return timing, {"memory_analysis": _memory_analysis(compiled)}
 
 
-def time_torch_step(torch, case, reps, min_time_s, thread_counts):
+def time_torch_step(torch, case, reps, min_time_s, thread_counts, dtype="float32"):
     device = torch_device(torch)
     if device == "cuda":  # thread counts only matter on the CPU
         thread_counts = thread_counts[:1]
@@ -358,7 +432,7 @@ def time_torch_step(torch, case, reps, min_time_s, thread_counts):
         torch.set_num_threads(threads)
         for fmt in ("channels_last", "nchw"):
             t = time_callable(
-                build_torch(torch, case, fmt), reps=reps, warmup=2, min_time_s=min_time_s
+                build_torch(torch, case, fmt, dtype), reps=reps, warmup=2, min_time_s=min_time_s
             )
             if best is None or t.median_s < best[0].median_s:
                 best = (t, {"memory_format": fmt, "threads": threads, "device": device})
@@ -396,7 +470,9 @@ def _peak_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def _memory_probe(framework: str, case: TrainCase, torch_cfg: dict | None) -> dict:
+def _memory_probe(
+    framework: str, case: TrainCase, torch_cfg: dict | None, dtype: str = "float32"
+) -> dict:
     """Runs in a fresh process: builds, compiles and runs 3 steps; returns the peak memory's
     growth over the baseline taken after the imports: the resident set on a CPU, the device
     allocator's peak bytes in use on a GPU."""
@@ -408,7 +484,7 @@ def _memory_probe(framework: str, case: TrainCase, torch_cfg: dict | None) -> di
             torch.cuda.init()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20 if gpu else _rss_reset()
-        step = build_torch(torch, case, (torch_cfg or {}).get("memory_format", "nchw"))
+        step = build_torch(torch, case, (torch_cfg or {}).get("memory_format", "nchw"), dtype)
         for _ in range(3):
             step()
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else _peak_mb()
@@ -417,7 +493,7 @@ def _memory_probe(framework: str, case: TrainCase, torch_cfg: dict | None) -> di
             import flax.linen  # noqa: F401
         jnp.zeros(()).block_until_ready()  # the backend's start-up memory is in the baseline
         base = _device_mb("bytes_in_use") if gpu else _rss_reset()
-        step, state = _build_jax(framework, case)
+        step, state = _build_jax(framework, case, dtype)
         x, y = (jnp.asarray(a) for a in _data(case))
         compiled = step.lower(state, x, y).compile()
         stepper = _Stepper(compiled, state, x, y)
@@ -436,10 +512,21 @@ def _device_mb(field: str) -> float:
     return jax.devices()[0].memory_stats()[field] / 2**20
 
 
-def measure_memory(framework: str, case: TrainCase, torch_cfg: dict | None = None, timeout=900):
+def measure_memory(
+    framework: str,
+    case: TrainCase,
+    torch_cfg: dict | None = None,
+    timeout=900,
+    dtype: str = "float32",
+):
     """Peak-memory probe in a fresh subprocess (``python -m fnlayers.bench.train --probe``)."""
     spec = json.dumps(
-        {"framework": framework, "case": dataclasses.asdict(case), "torch_cfg": torch_cfg}
+        {
+            "framework": framework,
+            "case": dataclasses.asdict(case),
+            "torch_cfg": torch_cfg,
+            "dtype": dtype,
+        }
     )
     cmd = [sys.executable, "-m", "fnlayers.bench.train", "--probe", spec]
     try:
@@ -471,12 +558,18 @@ def run(
     torch_threads: int | None = None,
     reps: int | None = None,
     memory: bool | None = None,
+    dtype: str = "float32",
+    gemm_n: int | None = None,
     out: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> dict:
     """Runs the suite; returns (and, with ``out``, writes as JSON plus a ``.md`` table) the
     results. ``quick``: LeNet and CIFAR10-quick, 3 repetitions, no memory probes. ``memory``
-    (default: not ``quick``) runs one probe subprocess per framework and model."""
+    (default: not ``quick``) runs one probe subprocess per framework and model. ``dtype``: the
+    compute dtype (one of :data:`fnlayers.bench._harness.DTYPES`; parameters stay float32).
+    ``gemm_n``: the side of the square matrix product whose time is the peak (default 8192 on
+    a GPU, 2048 on a CPU, 1024 with ``quick``)."""
+    dtype = check_dtype(dtype, fn="train.run")
     models = (QUICK_MODELS if quick else MODELS) if models is None else tuple(models)
     reps = reps or (3 if quick else 7)
     min_time_s = 0.0 if quick else 1.0
@@ -490,6 +583,12 @@ def run(
     if "torch" in frameworks and th is None:
         frameworks.remove("torch")
         skipped["torch"] = "not importable"
+    elif th is not None:
+        reason = torch_skip_reason(dtype, torch_device(th))
+        if reason is not None:
+            frameworks.remove("torch")
+            th, skipped["torch"] = None, reason
+    gemm_n = gemm_n or (8192 if on_gpu() else 1024 if quick else 2048)
     thread_counts = [torch_threads] if torch_threads else sorted({_cores(), 1}, reverse=True)
     t_start = time.perf_counter()
 
@@ -497,20 +596,27 @@ def run(
         if verbose:
             print(msg, flush=True)
 
+    peak = gemm_peak(gemm_n, reps=reps, dtype=dtype)
+    log(f"GEMM peak (jnp.dot {gemm_n}^3 {dtype}): {peak['tflops']:.3g} TFLOP/s")
+    for name, reason in skipped.items():
+        log(f"{name} skipped: {reason}")
     results = []
     for case in models:
-        row = {"model": case.name, "batch": case.batch, "frameworks": {}}
+        flops = model_flops(case)
+        row = {"model": case.name, "batch": case.batch, "flops": flops, "frameworks": {}}
         for fw in frameworks:
             if fw == "torch":
-                t, cfg = time_torch_step(th, case, reps, min_time_s, thread_counts)
+                t, cfg = time_torch_step(th, case, reps, min_time_s, thread_counts, dtype)
                 extra = cfg
             else:
-                t, extra = time_jax_step(fw, case, reps, min_time_s)
+                t, extra = time_jax_step(fw, case, reps, min_time_s, dtype)
             d = t.as_dict() | {"images_per_s": case.batch / t.median_s} | extra
+            d |= throughput(flops, t.median_s, peak)
             row["frameworks"][fw] = d
             log(
                 f"{case.name:14s} {fw:13s} {d['median_ms']:9.1f} ms  "
-                f"{d['images_per_s']:8.1f} img/s  compile {d['compile_s']:.2f} s  "
+                f"{d['images_per_s']:8.1f} img/s  {d['tflops']:.3g} TFLOP/s "
+                f"({d['peak_fraction']:.2g} of peak)  compile {d['compile_s']:.2f} s  "
                 f"first call {d['first_call_s']:.2f} s"
             )
         ips = {k: v["images_per_s"] for k, v in row["frameworks"].items()}
@@ -531,7 +637,7 @@ def run(
         for row, case in zip(results, models, strict=True):
             for fw, d in row["frameworks"].items():
                 cfg = {k: d[k] for k in ("threads", "memory_format") if k in d}
-                d["peak_memory"] = measure_memory(fw, case, cfg or None)
+                d["peak_memory"] = measure_memory(fw, case, cfg or None, dtype=dtype)
                 log(f"{case.name:14s} {fw:13s} peak memory {d['peak_memory']}")
             fws = row["frameworks"]
             if fws.get("flax", {}).get("peak_memory", {}).get("delta_mb", 0) > 0:
@@ -552,9 +658,21 @@ def run(
         "suite": "train",
         "quick": quick,
         "reps": reps,
+        "dtype": dtype,
+        "gemm_peak": peak,
+        "flops": {
+            "source": "analytic",
+            "formula": "3 x the forward products (2 x weight size x output positions) of the "
+            "convolution and inner-product layers",
+            "xla_flops": "XLA's cost_analysis() of each compiled JAX step, recorded only: it "
+            "counts a loop body once and leaves out padded taps",
+        },
         "step": {
             "loss": "softmax cross-entropy",
             "optimizer": f"SGD momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}",
+            "precision": "float32"
+            if dtype == "float32"
+            else f"compute in {dtype}, float32 parameters and loss, no loss scaling",
             "peak_memory_method": "GPU: the device allocator's peak bytes in use "
             "(JAX memory_stats, torch.cuda.max_memory_allocated) over the baseline after the "
             "imports; CPU: peak resident set (Linux VmHWM, reset through "
@@ -579,6 +697,8 @@ def format_table(payload: dict) -> str:
         "framework",
         "step ms",
         "images/s",
+        "TFLOP/s",
+        "of peak",
         "vs flax",
         "vs torch",
         "compile s",
@@ -602,6 +722,8 @@ def format_table(payload: dict) -> str:
                     fw,
                     d["median_ms"],
                     d["images_per_s"],
+                    significant(d.get("tflops")),
+                    significant(d.get("peak_fraction"), 2),
                     r["speedups"].get(f"{fw} vs flax"),
                     r["speedups"].get(f"{fw} vs torch"),
                     d["compile_s"] if fw != "torch" else None,
@@ -613,8 +735,10 @@ def format_table(payload: dict) -> str:
     env = payload["environment"]
     torch = env.get("torch") or {}
     flax = env.get("flax") or {}
+    peak = payload["gemm_peak"]
+    skipped = "".join(f"; {k} skipped: {v}" for k, v in (env.get("skipped") or {}).items())
     lines = [
-        f"train suite, {env['device']['platform']} ({env['device']['kind']}, "
+        f"train suite, {payload['dtype']}, {env['device']['platform']} ({env['device']['kind']}, "
         f"{env['processor']}, {env['cpu_count']} cores), jax {env['jax']}, jaxlib {env['jaxlib']}"
         + (f", flax {flax['version']} (linen, hand SGD)" if flax else "")
         + (
@@ -623,6 +747,10 @@ def format_table(payload: dict) -> str:
             if torch
             else ""
         )
+        + skipped
+        + f"; GEMM peak {peak['tflops']:.3g} TFLOP/s (jnp.dot {peak['n']}³ {peak['dtype']}, "
+        "float32 accumulation); TFLOP/s from the analytic count (3 x the conv and inner-product "
+        "forward products)"
         + f"; medians of {payload['reps']}+ steps after compile and 2 warm-up steps; "
         "'vs' = images/s ratio in this run; peak MB = peak "
         + ("device memory" if gpu else "RSS")
@@ -636,7 +764,8 @@ def format_table(payload: dict) -> str:
 
 def _probe_main(spec: str) -> int:
     spec = json.loads(spec)
-    result = _memory_probe(spec["framework"], TrainCase(**spec["case"]), spec["torch_cfg"])
+    case = TrainCase(**spec["case"])
+    result = _memory_probe(spec["framework"], case, spec["torch_cfg"], spec["dtype"])
     print("PROBE " + json.dumps(result), flush=True)
     return 0
 
