@@ -323,6 +323,13 @@ def run(
     return payload
 
 
+def _tflops_cell(timing: dict) -> str | None:
+    """``"0.136 (0.31)"``: achieved TFLOP/s and, in brackets, the fraction of the peak."""
+    if "tflops" not in timing:
+        return None
+    return f"{significant(timing['tflops'])} ({significant(timing['peak_fraction'], 2)})"
+
+
 def format_table(payload: dict) -> str:
     """The Markdown table of a conv payload: ms, achieved TFLOP/s and the fraction of the
     measured GEMM peak per implementation, then the ratios."""
@@ -333,7 +340,7 @@ def format_table(payload: dict) -> str:
     for r in payload["results"]:
         ratio_keys += [k for k in r["ratios"] if k not in ratio_keys]
     header = ["layer", "shape", "mode"] + [f"{k} ms" for k in impls]
-    header += [f"{k} TFLOP/s" for k in impls] + [f"{k} of peak" for k in impls]
+    header += [f"{k} TFLOP/s (of peak)" for k in impls]
     header += ratio_keys
     has_torch = "torch" in impls
     if has_torch:
@@ -343,8 +350,7 @@ def format_table(payload: dict) -> str:
         row = [r["case"], r["shape"], r["mode"]]
         found = [r["impls"].get(k, {}) for k in impls]
         row += [t.get("median_ms") for t in found]
-        row += [significant(t.get("tflops")) for t in found]
-        row += [significant(t.get("peak_fraction"), 2) for t in found]
+        row += [_tflops_cell(t) for t in found]
         row += [r["ratios"].get(k) for k in ratio_keys]
         if has_torch:
             t = r["impls"].get("torch", {})
@@ -354,7 +360,7 @@ def format_table(payload: dict) -> str:
         rows.append(row)
     for mode, s in payload["summary"].items():
         for agg in ("geomean", "max"):
-            row = ["**" + agg + "**", "", mode] + [None] * (3 * len(impls))
+            row = ["**" + agg + "**", "", mode] + [None] * (2 * len(impls))
             row += [s.get(f"{agg} {k}") for k in ratio_keys]
             row += [None] if has_torch else []
             rows.append(row)
