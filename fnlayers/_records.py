@@ -12,18 +12,28 @@ import numpy as np
 
 from fnlayers import _plot
 
-__all__ = ["GRAD_NORM", "History", "Progress", "Recorder"]
+__all__ = ["GRAD_NORM", "LOSS_SCALE", "SKIPPED_STEPS", "History", "Progress", "Recorder"]
 
 #: The key of the per-layer gradient norms in a step's metrics (a dict ``{layer: norm}``); in
 #: ``fit``'s history the records carry them flat, as ``"grad_norm/<layer>"``.
 GRAD_NORM = "grad_norm"
 
+#: A dynamic loss scale's metrics: the scale after the step, and 1 for a skipped step (else 0).
+#: A record holds the scale after its last step and the number of steps skipped since the
+#: record before, not their means.
+LOSS_SCALE = "loss_scale"
+SKIPPED_STEPS = "skipped_steps"
+_LAST = (LOSS_SCALE,)
+_SUMMED = (SKIPPED_STEPS,)
+
 
 @dataclasses.dataclass
 class History:
     """Per-iteration records of a run: a list of dicts with ``iteration``, ``epoch``, ``loss``,
-    ``lr``, ``images_per_s``, the training metrics, and ``test_*`` entries where an evaluation
-    ran. ``save_json``/``save_csv`` write it; :meth:`column` reads one quantity."""
+    ``lr``, ``images_per_s``, the training metrics, ``test_*`` entries where an evaluation
+    ran, and with a dynamic loss scale ``loss_scale`` (the current scale) and
+    ``skipped_steps`` (steps skipped since the record before). ``save_json``/``save_csv``
+    write it; :meth:`column` reads one quantity."""
 
     records: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
@@ -94,7 +104,7 @@ class Recorder:
     def log(self, iteration):
         elapsed = time.perf_counter() - self.t_window
         record = self._current(iteration)
-        record |= {k: float(np.mean(v)) for k, v in self.window.items()}
+        record |= {k: _summary(k, v) for k, v in self.window.items()}
         record["images_per_s"] = self.images / max(elapsed, 1e-9)
         self._reset_window()
 
@@ -120,6 +130,15 @@ class Recorder:
 
     def _reset_window(self):
         self.window, self.images, self.t_window = {}, 0, time.perf_counter()
+
+
+def _summary(name, values):
+    """A record's value of a training metric over the steps of its window."""
+    if name in _LAST:
+        return float(values[-1])
+    if name in _SUMMED:
+        return int(np.sum(values))
+    return float(np.mean(values))
 
 
 class Progress:

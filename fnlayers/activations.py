@@ -1,14 +1,22 @@
 """Activations (docs/caffe-semantics.md §7), with Caffe's conventions for the gradient at 0.
 
 All are elementwise except :func:`maxout`; all keep ``x.shape`` and ``x.dtype``. Channels are
-the last axis (NHWC).
+the last axis (NHWC). For float16 and bfloat16 inputs the transcendental ones (ELU, sigmoid,
+tanh) compute in float32 and round once: their derivatives are formed from the float32 output
+(``1 - tanh(x)**2`` from a bfloat16 ``tanh(x)`` near 1 would lose most of its digits).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fnlayers._checks import check_float_array, check_positive_int, check_real, check_same_dtype
+from fnlayers._checks import (
+    acc_dtype,
+    check_float_array,
+    check_positive_int,
+    check_real,
+    check_same_dtype,
+)
 from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["elu", "maxout", "prelu", "relu", "sigmoid", "tanh"]
@@ -58,7 +66,11 @@ def prelu(x: ArrayLike, alpha: ArrayLike) -> Array:
             f"prelu: alpha has shape {alpha.shape}; expected (C,) with C = x.shape[-1], or a "
             "scalar () shared by all channels"
         )
-    return jnp.where(x > 0, x, alpha * x)
+    # The slope's gradient sums dy * x over every position of its channel: the product is
+    # formed in the accumulation dtype, so that sum (the transpose of the broadcast) is float32.
+    acc = acc_dtype(x.dtype)
+    negative = (alpha.astype(acc) * x.astype(acc)).astype(x.dtype)
+    return jnp.where(x > 0, x, negative)
 
 
 def elu(x: ArrayLike, alpha: float = 1.0) -> Array:
@@ -71,22 +83,26 @@ def elu(x: ArrayLike, alpha: float = 1.0) -> Array:
     fn = "elu"
     x = _check_x(x, fn)
     check_real(alpha, fn=fn, name="alpha")
-    positive = x > 0
+    xa = x.astype(acc_dtype(x.dtype))
+    positive = xa > 0
     # where(), not min(): the derivative of min(x, 0) at a tie would be split in half.
-    negative_part = jnp.where(positive, jnp.zeros((), x.dtype), x)
-    return jnp.where(positive, x, jnp.asarray(alpha, x.dtype) * jnp.expm1(negative_part))
+    negative_part = jnp.where(positive, jnp.zeros((), xa.dtype), xa)
+    y = jnp.where(positive, xa, jnp.asarray(alpha, xa.dtype) * jnp.expm1(negative_part))
+    return y.astype(x.dtype)
 
 
 def sigmoid(x: ArrayLike) -> Array:
     """Caffe's Sigmoid (§7), computed as Caffe does: ``0.5 * tanh(0.5 * x) + 0.5``."""
     x = _check_x(x, "sigmoid")
-    half = jnp.asarray(0.5, x.dtype)
-    return half * jnp.tanh(half * x) + half
+    xa = x.astype(acc_dtype(x.dtype))
+    half = jnp.asarray(0.5, xa.dtype)
+    return (half * jnp.tanh(half * xa) + half).astype(x.dtype)
 
 
 def tanh(x: ArrayLike) -> Array:
     """Caffe's TanH (§7): ``tanh(x)``."""
-    return jnp.tanh(_check_x(x, "tanh"))
+    x = _check_x(x, "tanh")
+    return jnp.tanh(x.astype(acc_dtype(x.dtype))).astype(x.dtype)
 
 
 def maxout(x: ArrayLike, pieces: int) -> Array:

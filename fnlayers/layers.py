@@ -526,6 +526,7 @@ def Conv2D(
     impl: str = "im2col",
     lr_mult=1.0,
     decay_mult=1.0,
+    param_dtype=jnp.float32,
     name: str | None = None,
 ) -> Layer:
     """Caffe's Convolution layer: :func:`fnlayers.conv2d` with weight ``(KH, KW, C_in//groups,
@@ -533,10 +534,13 @@ def Conv2D(
 
     Defaults: ``w_init=init.xavier()`` (Caffe's model zoo choice), ``b_init=init.constant(0)``.
     ``lr_mult``/``decay_mult``: a number for every parameter, or one per parameter in Caffe's
-    order ``(w, b)``, e.g. ``lr_mult=(1, 2)`` (see :func:`param_mults`).
+    order ``(w, b)``, e.g. ``lr_mult=(1, 2)`` (see :func:`param_mults`). ``param_dtype``: the
+    dtype ``init`` creates the parameters in (float32; mixed precision keeps them so and
+    casts per step, docs/mixed-precision.md).
     """
     kernel = as_pair(kernel_size, fn="Conv2D", name="kernel_size", minimum=1)
     _check_num_output(num_output, "Conv2D")
+    param_dtype = _param_dtype(param_dtype, "Conv2D")
     check_choice(impl, _conv.IMPLS, fn="Conv2D", name="impl")
     w_init = w_init or _init.xavier()
     b_init = b_init or _init.constant(0.0)
@@ -551,7 +555,8 @@ def Conv2D(
             raise ValueError(f"Conv2D: groups={groups} does not divide C_in={c_in}")
         w_shape = w_for(c_in)
         out_shape = _conv.conv_output_shape(in_shape, w_shape, **cfg)
-        return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
+        params = _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias, param_dtype)
+        return out_shape, params, {}
 
     def apply(params, state, x, *, key=None, train=False):
         _check_conv_params(
@@ -578,6 +583,7 @@ def Deconv2D(
     b_init=None,
     lr_mult=1.0,
     decay_mult=1.0,
+    param_dtype=jnp.float32,
     name: str | None = None,
 ) -> Layer:
     """Caffe's Deconvolution layer: :func:`fnlayers.conv_transpose2d` with weight
@@ -585,9 +591,11 @@ def Deconv2D(
 
     For FCN-style upsampling by a factor F use ``kernel_size=2F - F % 2, stride=F,
     padding=ceil((F - 1) / 2), groups=C, w_init=init.bilinear(), bias=False``.
+    ``param_dtype``: as for :func:`Conv2D`.
     """
     kernel = as_pair(kernel_size, fn="Deconv2D", name="kernel_size", minimum=1)
     _check_num_output(num_output, "Deconv2D")
+    param_dtype = _param_dtype(param_dtype, "Deconv2D")
     check_positive_int(groups, fn="Deconv2D", name="groups")
     if num_output % groups:
         raise ValueError(f"Deconv2D: groups={groups} does not divide num_output={num_output}")
@@ -601,7 +609,8 @@ def Deconv2D(
     def init(key, in_shape):
         w_shape = w_for(_channels(in_shape, "Deconv2D"))
         out_shape = _conv.conv_transpose_output_shape(in_shape, w_shape, **cfg)
-        return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
+        params = _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias, param_dtype)
+        return out_shape, params, {}
 
     def apply(params, state, x, *, key=None, train=False):
         layout = "(KH, KW, C_out/groups, C_in)"
@@ -622,11 +631,14 @@ def Dense(
     b_init=None,
     lr_mult=1.0,
     decay_mult=1.0,
+    param_dtype=jnp.float32,
     name: str | None = None,
 ) -> Layer:
     """Caffe's InnerProduct layer: :func:`fnlayers.dense`, weight ``(K, num_output)`` where K is
-    the product of the input's trailing axes, bias ``(num_output,)``."""
+    the product of the input's trailing axes, bias ``(num_output,)``. ``param_dtype``: as for
+    :func:`Conv2D`."""
     _check_num_output(num_output, "Dense")
+    param_dtype = _param_dtype(param_dtype, "Dense")
     w_init = w_init or _init.xavier()
     b_init = b_init or _init.constant(0.0)
 
@@ -638,7 +650,8 @@ def Dense(
         k = math.prod(in_shape[1:])
         w_shape = (k, num_output)
         out_shape = (in_shape[0], num_output)
-        return out_shape, _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias), {}
+        params = _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias, param_dtype)
+        return out_shape, params, {}
 
     def apply(params, state, x, *, key=None, train=False):
         if jnp.ndim(x) >= 2:  # else the op reports the rank
@@ -678,12 +691,26 @@ def _check_num_output(num_output, where):
     check_positive_int(num_output, fn=where, name="num_output")
 
 
-def _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias):
+def _weight_and_bias(key, w_shape, num_output, w_init, b_init, bias, dtype):
     kw, kb = jax.random.split(key)
-    params = {"w": w_init(kw, w_shape, jnp.float32)}
+    params = {"w": w_init(kw, w_shape, dtype)}
     if bias:
-        params["b"] = b_init(kb, (num_output,), jnp.float32)
+        params["b"] = b_init(kb, (num_output,), dtype)
     return params
+
+
+def _param_dtype(value, where):
+    """A layer's ``param_dtype`` as a floating NumPy dtype."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: param_dtype={value!r} must be a floating dtype such as jnp.float32 or "
+            "jnp.bfloat16"
+        )
+    return dtype
 
 
 def _traced_shape(fn, in_shape):
@@ -802,6 +829,7 @@ def BatchNorm(
     shift_init=None,
     lr_mult=1.0,
     decay_mult=1.0,
+    param_dtype=jnp.float32,
     name: str | None = None,
 ) -> Layer:
     """Caffe's BatchNorm layer (:func:`fnlayers.batch_norm`), followed when ``affine`` by the
@@ -813,9 +841,12 @@ def BatchNorm(
     ``momentum`` is Caffe's ``moving_average_fraction``. ``train=True`` normalises with the
     batch statistics and returns the updated state; ``train=False`` uses the running averages
     and returns the state unchanged. ``axis_name`` averages the statistics over a
-    ``pmap``/``shard_map`` axis.
+    ``pmap``/``shard_map`` axis. ``param_dtype``: the dtype of ``scale`` and ``shift`` (as for
+    :func:`Conv2D`); the state is float32 whatever it is: ``mean_acc`` sums about
+    ``1 / (1 - momentum)`` batch means, and a bfloat16 sum that large would stop taking them in.
     """
     _norm.check_batch_norm_args(momentum, eps, fn="BatchNorm")
+    param_dtype = _param_dtype(param_dtype, "BatchNorm")
     scale_init = scale_init or _init.constant(1.0)
     shift_init = shift_init or _init.constant(0.0)
     cfg = dict(momentum=momentum, eps=eps, axis_name=axis_name)
@@ -830,8 +861,8 @@ def BatchNorm(
         if affine:
             k_scale, k_shift = jax.random.split(key)
             params = {
-                "scale": scale_init(k_scale, (c,), jnp.float32),
-                "shift": shift_init(k_shift, (c,), jnp.float32),
+                "scale": scale_init(k_scale, (c,), param_dtype),
+                "shift": shift_init(k_shift, (c,), param_dtype),
             }
         return tuple(in_shape), params, _norm.batch_norm_state(c)
 
@@ -840,10 +871,13 @@ def BatchNorm(
             _check_per_channel(params, ("scale", "shift"), x, "BatchNorm")
         y, state = _norm.batch_norm(x, state, train=train, **cfg)
         if affine:
+            # In the accumulation dtype: the gradients of scale and shift sum over every
+            # position of a channel, and the transposes of these broadcasts are those sums.
+            acc = _checks.acc_dtype(y.dtype)
             shape = (1,) * (y.ndim - 1) + (y.shape[-1],)
-            scale = params["scale"].astype(y.dtype).reshape(shape)
-            shift = params["shift"].astype(y.dtype).reshape(shape)
-            y = y * scale + shift
+            scale = params["scale"].astype(acc).reshape(shape)
+            shift = params["shift"].astype(acc).reshape(shape)
+            y = (y.astype(acc) * scale + shift).astype(y.dtype)
         return y, state
 
     mults = _mults(("scale", "shift") if affine else (), lr_mult, decay_mult, "BatchNorm")
@@ -883,17 +917,20 @@ def PReLU(
     alpha_init=None,
     lr_mult=1.0,
     decay_mult=1.0,
+    param_dtype=jnp.float32,
     name: str | None = None,
 ) -> Layer:
     """Caffe's PReLU layer: :func:`fnlayers.prelu` with a learned slope, params ``{"alpha": (C,)}``
-    (or ``()`` when ``channel_shared``), initialised to 0.25 (Caffe's default filler)."""
+    (or ``()`` when ``channel_shared``), initialised to 0.25 (Caffe's default filler), in
+    ``param_dtype`` (as for :func:`Conv2D`)."""
     alpha_init = alpha_init or _init.constant(0.25)
+    param_dtype = _param_dtype(param_dtype, "PReLU")
 
     def init(key, in_shape):
         if len(in_shape) < 1:
             raise ValueError("PReLU: input shape () has no channel axis")
         shape = () if channel_shared else (int(in_shape[-1]),)
-        return tuple(in_shape), {"alpha": alpha_init(key, shape, jnp.float32)}, {}
+        return tuple(in_shape), {"alpha": alpha_init(key, shape, param_dtype)}, {}
 
     def apply(params, state, x, *, key=None, train=False):
         if jnp.ndim(x) >= 1:

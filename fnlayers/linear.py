@@ -39,13 +39,14 @@ def dense(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None) -> Array:
         )
     acc = acc_dtype(x.dtype)
     y = lax.dot_general(flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc)
-    y = y.astype(x.dtype)
     if b is None:
-        return y
+        return y.astype(x.dtype)
     check_same_dtype(x, b, fn=fn, names=("x", "b"))
     if b.shape != (w.shape[1],):
         raise ValueError(f"dense: b has shape {b.shape}, expected ({w.shape[1]},)")
-    return y + b.reshape(1, -1)
+    # The bias is added to the float32 product (one rounding), and its gradient, the sum of dy
+    # over the batch, is summed in float32.
+    return (y + b.astype(acc).reshape(1, -1)).astype(x.dtype)
 
 
 def flatten(x: ArrayLike) -> Array:

@@ -293,13 +293,16 @@ def _sigmoid_cross_entropy(logits, targets, ignore, normalization):
 
 @jax.jit
 def _euclidean(pred, target):
-    diff = (pred - target).astype(acc_dtype(pred.dtype))
+    acc = acc_dtype(pred.dtype)
+    # Subtracted in float32: a difference of two close float16 values is exact there.
+    diff = pred.astype(acc) - target.astype(acc)
     return (jnp.sum(diff * diff) / (2 * pred.shape[0])).astype(pred.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _contrastive(a, b, similar, margin, legacy):
-    diff = (a - b).astype(acc_dtype(a.dtype))
+    acc = acc_dtype(a.dtype)
+    diff = a.astype(acc) - b.astype(acc)
     d2 = jnp.sum(diff * diff, axis=tuple(range(1, a.ndim)))
     if legacy:
         gap = margin - d2

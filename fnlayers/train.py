@@ -48,6 +48,7 @@ from fnlayers import checkpoint as _checkpoint
 from fnlayers import diagnostics as _diagnostics
 from fnlayers import distributed as _dist
 from fnlayers import optim as _optim
+from fnlayers import precision as _precision
 from fnlayers._checks import check_choice, check_positive_int, is_int
 from fnlayers._records import GRAD_NORM, History
 from fnlayers.layers import Layer, _abstract_init
@@ -80,12 +81,15 @@ class TrainState(NamedTuple):
       state: the model's running state (batch norm statistics), ``{}``-leaved if none.
       opt_state: the optimizer's state, including its iteration counter.
       key: the PRNG key; every step splits it into the next key and the step's key.
+      loss_scale: a dynamic loss scale's :class:`fnlayers.precision.LossScaleState` (the scale
+        and its count of finite steps), or None without one.
     """
 
     params: Any
     state: Any
     opt_state: Any
     key: jax.Array
+    loss_scale: _precision.LossScaleState | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,14 +124,22 @@ def create_train_state(
     *,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    loss_scale: Any = None,
 ) -> TrainState:
     """Initialises params, state and optimizer state for ``model`` on inputs of ``in_shape``.
 
     ``key`` is split: one part initialises the model, the other becomes the run's key. With a
     ``mesh`` (see :func:`make_train_step`) every leaf is replicated on every device of it.
+    ``loss_scale``: as for :func:`make_train_step`; a dynamic one starts its
+    :class:`fnlayers.precision.LossScaleState` in ``TrainState.loss_scale``. The parameters are
+    created in the dtypes the layers give them (float32 unless a layer's ``param_dtype`` says
+    otherwise), whatever the compute dtype the steps later run in.
     """
     optimizer = _optim.check_optimizer(optimizer, fn="create_train_state")
     dp = _data_parallel(mesh, data_axis, "create_train_state")
+    scale_state = _precision.loss_scale_state(
+        _precision.check_loss_scale(loss_scale, fn="create_train_state")
+    )
     k_init, k_run = jax.random.split(key)
 
     def init(k):
@@ -137,7 +149,7 @@ def create_train_state(
     # One compiled program instead of one dispatch per initializer (seconds for a deep net);
     # the random bits are the same as an eager init's.
     params, state, opt_state = jax.jit(init)(k_init)
-    train_state = TrainState(params, state, opt_state, k_run)
+    train_state = TrainState(params, state, opt_state, k_run, scale_state)
     return train_state if dp is None else dp.replicate(train_state)
 
 
@@ -150,6 +162,7 @@ def predict(
     batch_size: int = 256,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    compute_dtype: Any = None,
 ):
     """``model``'s outputs on ``x`` in evaluation mode (``train=False``), in batches.
 
@@ -158,6 +171,8 @@ def predict(
       batch_size: examples per call of the jit-compiled forward pass.
       mesh, data_axis: as for :func:`make_train_step`: each batch is split over the devices
         (a batch that does not split evenly, such as the last one, runs whole on every device).
+      compute_dtype: as for :func:`make_train_step`: the forward pass runs in it, and the
+        outputs come back float32.
 
     Returns:
       The outputs for all N examples, in order (a tuple of arrays for multi-output models), as
@@ -166,7 +181,13 @@ def predict(
     n = _sources.num_examples(x, (), "predict")
     check_positive_int(batch_size, fn="predict", name="batch_size")
     dp = _data_parallel(mesh, data_axis, "predict")
-    forward = _on_mesh(dp, lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
+    policy = _precision.policy(compute_dtype, None, fn="predict")
+
+    def run(params, state, xb):
+        outputs = model.apply(policy.cast_in(params), state, policy.cast_in(xb), train=False)[0]
+        return policy.cast_out(outputs)
+
+    forward = _on_mesh(dp, run)
     if dp is not None:
         params, state = dp.replicate((params, state))
     outs = [
@@ -188,6 +209,8 @@ def make_train_step(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
+    compute_dtype: Any = None,
+    loss_scale: Any = None,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(train_state, x, y) -> (train_state, metrics)``, one jit-compiled function.
 
@@ -232,14 +255,39 @@ def make_train_step(
         averages over the slices); the running statistics are averaged over the slices, each
         slice gets its own PRNG key, and the loss and metrics are those of the global batch.
         Without a mesh there is one slice, and the two modes agree.
+      compute_dtype: None (default): the model runs in the dtypes of the parameters and the
+        inputs, as given. ``jnp.bfloat16`` or ``jnp.float16`` (mixed precision,
+        docs/mixed-precision.md): the parameters, the optimizer state and the model state
+        (batch norm statistics) stay as they are (float32: the master weights); every step
+        casts the floating parameters and the floating leaves of ``x`` to ``compute_dtype``
+        and runs the forward and backward passes there (the ops accumulate in float32), then
+        casts the model's outputs to float32 for ``loss_fn`` and the metrics. The gradients
+        come back in the parameters' dtypes (the cast is differentiated) and the optimizer
+        updates the parameters in them. ``y`` is not cast.
+      loss_scale: None (default): the loss is differentiated as it is. A positive number: a
+        static scale; the backward pass differentiates ``loss * loss_scale`` and the gradients
+        are divided by it before the optimizer sees them. ``"dynamic"`` or a
+        :class:`fnlayers.precision.DynamicLossScale`: the scale is
+        ``train_state.loss_scale.scale`` (a :class:`fnlayers.precision.LossScaleState`, from
+        ``create_train_state(..., loss_scale=...)``); a step whose gradients are not all
+        finite is skipped: the parameters, the optimizer state (its iteration counter
+        included, so the learning-rate schedule does not advance) and the model state stay
+        as they were; only the key and the loss scale move on. The scale is halved after
+        such a step and doubled after ``growth_interval`` finite steps in a row
+        (:func:`fnlayers.precision.update_loss_scale`). With ``iter_size`` k every
+        micro-batch's loss is scaled and the summed gradient unscaled once.
 
     Returns:
       The jitted step. Its metrics dict holds ``loss``, ``lr`` (when the optimizer reports
       it), every extra metric, and the per-layer dicts asked for, as device scalars
-      (replicated on every device with a mesh).
+      (replicated on every device with a mesh). With a dynamic loss scale also
+      ``loss_scale`` (the scale after this step) and ``skipped_steps`` (1 if this step was
+      skipped, else 0). ``loss`` is the unscaled loss; ``grad_norm`` and ``grad_finite`` are
+      of the unscaled gradient.
     """
     fn = "make_train_step"
     metrics = dict(metrics or {})
+    policy = _precision.policy(compute_dtype, loss_scale, fn=fn)
     for name, flag in (("grad_norms", grad_norms), ("grad_finite", grad_finite)):
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name}={flag!r} must be a bool")
@@ -250,35 +298,52 @@ def make_train_step(
     slices = dp.size if dp is not None and batch_norm == "per_device" else 1
     forward = _train_forward(model, data_axis, slices)
 
-    def loss_and_outputs(params, state, key, x, y):
-        outputs, new_state = forward(params, state, key, x)
-        return loss_fn(outputs, y), (outputs, new_state)
+    def loss_and_outputs(params, state, key, x, y, scale):
+        outputs, new_state = forward(policy.cast_in(params), state, key, policy.cast_in(x))
+        outputs = policy.cast_out(outputs)
+        loss = loss_fn(outputs, y)
+        scaled = loss if scale is None else loss * scale
+        return scaled, (loss, outputs, new_state)
 
     grad_fn = jax.value_and_grad(loss_and_outputs, has_aux=True)
 
-    def forward_backward(params, state, key, x, y):
-        (loss, (outputs, new_state)), grads = grad_fn(params, state, key, x, y)
+    def forward_backward(params, state, key, x, y, *, scale):
+        (_, (loss, outputs, new_state)), grads = grad_fn(params, state, key, x, y, scale)
         values = {"loss": loss}
         for name, metric in metrics.items():
             values[name] = metric(outputs, y)
         return values, new_state, grads
 
-    run = forward_backward if iter_size == 1 else _micro_batches(forward_backward, iter_size, fn)
-
     def step(ts: TrainState, x, y):
         key, step_key = jax.random.split(ts.key)
+        scale = policy.scale(ts.loss_scale, fn)
+        run = functools.partial(forward_backward, scale=scale)
+        if iter_size > 1:
+            run = _micro_batches(run, iter_size, fn)
         values, new_state, grads = run(ts.params, ts.state, step_key, x, y)
+        grads = policy.unscale(grads, scale)
         params, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         out = {"loss": values.pop("loss")}
         if optimizer.learning_rate_at is not None:
             out["lr"] = optimizer.learning_rate_at(ts.opt_state)
         out.update(values)
+        scale_state = ts.loss_scale
+        if policy.dynamic:
+            finite = _precision.all_finite(grads)
+            # A skipped step leaves everything it would have trained as it was: new batch norm
+            # statistics from a forward pass that overflowed would poison the running averages.
+            params, opt_state, new_state = _where(
+                finite, (params, opt_state, new_state), (ts.params, ts.opt_state, ts.state)
+            )
+            scale_state = _precision.update_loss_scale(policy.loss_scale, scale_state, finite)
+            out[_records.LOSS_SCALE] = scale_state.scale
+            out[_records.SKIPPED_STEPS] = jnp.where(finite, 0, 1).astype(jnp.int32)
         if grad_norms:
             mean = grads if iter_size == 1 else jax.tree.map(lambda g: g / iter_size, grads)
             out[GRAD_NORM] = _diagnostics.grad_norms(model, mean)
         if grad_finite:
             out[GRAD_FINITE] = _diagnostics.finite(model, grads)
-        return TrainState(params, new_state, opt_state, key), out
+        return TrainState(params, new_state, opt_state, key, scale_state), out
 
     jitted = jax.jit(
         step,
@@ -323,17 +388,22 @@ def make_eval_step(
     metrics: Mapping[str, MetricFn] | None = None,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    compute_dtype: Any = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Builds ``eval_step(params, state, x, y) -> metrics`` (jit-compiled, ``train=False``).
 
     The state is not updated: evaluation never changes running statistics. With a ``mesh``
     (see :func:`make_train_step`) a batch that splits evenly over the devices is split, any
-    other (the last batch of :func:`evaluate`) runs whole on every device.
+    other (the last batch of :func:`evaluate`) runs whole on every device. ``compute_dtype``:
+    as for :func:`make_train_step` (the model runs in it; the loss and metrics see float32
+    outputs).
     """
     metrics = dict(metrics or {})
+    policy = _precision.policy(compute_dtype, None, fn="make_eval_step")
 
     def step(params, state, x, y):
-        outputs, _ = model.apply(params, state, x, train=False)
+        outputs, _ = model.apply(policy.cast_in(params), state, policy.cast_in(x), train=False)
+        outputs = policy.cast_out(outputs)
         out = {"loss": loss_fn(outputs, y)}
         for name, fn in metrics.items():
             out[name] = fn(outputs, y)
@@ -400,6 +470,8 @@ def fit(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
+    compute_dtype: Any = None,
+    loss_scale: Any = None,
 ) -> tuple[TrainState, History]:
     """Trains ``model`` on ``train_data`` with ``optimizer``.
 
@@ -464,6 +536,13 @@ def fit(
         ``mesh=jax.make_mesh((jax.device_count(),), ("data",))`` trains on every device, and
         after ``jax.distributed.initialize`` on every device of every process (each process
         calls ``fit`` with the same arguments; docs/scale-out.md).
+      compute_dtype, loss_scale: mixed precision, as for :func:`make_train_step`
+        (docs/mixed-precision.md); the evaluations run in ``compute_dtype`` too. A dynamic
+        ``loss_scale`` starts a :class:`fnlayers.precision.LossScaleState` in a train state
+        that has none, resumes the checkpointed one, and a step it skips (non-finite
+        gradients) is not a stop: the records count them as ``skipped_steps`` (the skipped
+        steps since the record before) and show the ``loss_scale`` after their last step. A
+        non-finite *loss* still raises :class:`NonFiniteLossError`.
 
     Returns:
       ``(train_state, history)``; with a mesh the train state is replicated on its devices.
@@ -475,6 +554,7 @@ def fit(
         the one before), or says that every gradient stayed finite.
     """
     optimizer = _optim.check_optimizer(optimizer, fn="fit")
+    policy = _precision.policy(compute_dtype, loss_scale, fn="fit")
     iter_size = _iter_size(optimizer, "fit")
     dp = _data_parallel(mesh, data_axis, "fit")
     source = _sources.batch_source(train_data, batch_size, seed, augment, dp, iter_size)
@@ -485,10 +565,21 @@ def fit(
     if train_state is None:
         key = jax.random.key(seed) if key is None else key
         train_state = create_train_state(
-            model, optimizer, source.input_shape, key, mesh=mesh, data_axis=data_axis
+            model,
+            optimizer,
+            source.input_shape,
+            key,
+            mesh=mesh,
+            data_axis=data_axis,
+            loss_scale=policy.loss_scale,
         )
-    elif dp is not None:
-        train_state = dp.replicate(train_state)
+    else:
+        if policy.dynamic and train_state.loss_scale is None:
+            train_state = train_state._replace(
+                loss_scale=_precision.loss_scale_state(policy.loss_scale)
+            )
+        if dp is not None:
+            train_state = dp.replicate(train_state)
     if source.arrays is not None:
         _check_labels(model, *source.arrays, num_classes, eval_data)
 
@@ -497,14 +588,23 @@ def fit(
     if resume and checkpointer.exists():
         train_state, start, history = checkpointer.load(train_state)
 
-    options = dict(metrics=metrics, mesh=mesh, data_axis=data_axis, batch_norm=batch_norm)
+    options = dict(
+        metrics=metrics,
+        mesh=mesh,
+        data_axis=data_axis,
+        batch_norm=batch_norm,
+        compute_dtype=policy.compute_dtype,
+        loss_scale=policy.loss_scale,
+    )
     step = make_train_step(model, loss_fn, optimizer, grad_finite=True, **options)
     diag_step = None
     if diagnostics_every is not None:
         diag_step = make_train_step(
             model, loss_fn, optimizer, grad_finite=True, grad_norms=True, **options
         )
-    evaluator = _Evaluator(model, loss_fn, metrics, eval_data, eval_batch_size, mesh, data_axis)
+    evaluator = _Evaluator(
+        model, loss_fn, metrics, eval_data, eval_batch_size, mesh, data_axis, policy.compute_dtype
+    )
     layer_order = _diagnostics.param_layers(model, train_state.params)
     end = total if stop_after is None else min(total, start + stop_after)
     show = progress and _dist.is_main_process()
@@ -522,7 +622,10 @@ def fit(
                 raise _non_finite_error(
                     loss, it, previous, flags, layer_order, history, dp, checkpointer.last
                 )
-            previous = (it, flags)
+            # A skipped step left the parameters as they were: its non-finite gradients
+            # poisoned nothing, so they are not the cause of a later non-finite loss.
+            skipped = policy.dynamic and int(out[_records.SKIPPED_STEPS]) > 0
+            previous = None if skipped else (it, flags)
             norms = _to_host(dp, out.pop(GRAD_NORM, {}))
             done = it + 1
             recorder.add_step(done, out, source.batch_size * iter_size, norms)
@@ -640,6 +743,11 @@ def _slice_mean(a):
     return a[0]
 
 
+def _where(condition, new, old):
+    """``new`` where the scalar ``condition`` holds, else ``old`` (two trees alike)."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
 def _run_length(iterations, epochs, steps_per_epoch):
     if (iterations is None) == (epochs is None):
         raise ValueError(f"fit: give exactly one of iterations={iterations} and epochs={epochs}")
@@ -662,12 +770,19 @@ def _check_diagnostics_every(value):
 class _Evaluator:
     """``evaluator(train_state) -> {metric: value}`` on ``eval_data``, or disabled."""
 
-    def __init__(self, model, loss_fn, metrics, eval_data, batch_size, mesh, data_axis):
+    def __init__(
+        self, model, loss_fn, metrics, eval_data, batch_size, mesh, data_axis, compute_dtype
+    ):
         self.enabled = eval_data is not None
         if self.enabled:
             self.x, self.y = _unpack(eval_data, "eval_data")
             self.step = make_eval_step(
-                model, loss_fn, metrics=metrics, mesh=mesh, data_axis=data_axis
+                model,
+                loss_fn,
+                metrics=metrics,
+                mesh=mesh,
+                data_axis=data_axis,
+                compute_dtype=compute_dtype,
             )
             self.batch_size = batch_size
 

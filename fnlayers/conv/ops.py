@@ -237,7 +237,10 @@ def _add_bias(y, b, fn):
         return y
     if b.shape != (y.shape[-1],):
         raise ValueError(f"{fn}: b has shape {b.shape}, expected (C_out,) = ({y.shape[-1]},)")
-    return y + b.reshape(1, 1, 1, -1)
+    # Added in the accumulation dtype: the bias gradient is the sum of dy over N*OH*OW
+    # positions, and the transpose of this broadcast is that sum, in float32.
+    acc = acc_dtype(y.dtype)
+    return (y.astype(acc) + b.astype(acc).reshape(1, 1, 1, -1)).astype(y.dtype)
 
 
 def _conv_im2col(x, w, *, stride, padding, dilation, groups):
@@ -292,10 +295,16 @@ def _conv_blocks(x, w, *, stride, padding, dilation, groups, tile=None):
     # lay out as a major axis and then copy to the loop's default layout.
     unit = plan.per_block == 1 and groups == 1
 
+    # The loop closes over the weight in the accumulation dtype, so the backward pass sums the
+    # blocks' weight gradients in float32 (a float16/bfloat16 carry would round every block's
+    # partial sum); each block casts it back for its product.
+    wm_acc = wm.astype(acc_dtype(wm.dtype))
+
     def body(carry, xb):
+        wb = wm_acc.astype(wm.dtype)
         if unit:
-            return carry, _conv_block(xb[None], wm, padding=padding, **geometry)[0]
-        return carry, _conv_block(xb, wm, padding=padding, **geometry)
+            return carry, _conv_block(xb[None], wb, padding=padding, **geometry)[0]
+        return carry, _conv_block(xb, wb, padding=padding, **geometry)
 
     body = jax.checkpoint(body, prevent_cse=False)
     xs = x if unit else x.reshape(plan.blocks, plan.per_block, *x.shape[1:])

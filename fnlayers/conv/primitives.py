@@ -23,6 +23,10 @@ col2im is the adjoint of each path:
 * stride == kernel, no dilation: one transpose + reshape (depth-to-space).
 * stride > 1: by stride phase, dense sums of shifted slices, interleaved.
 * stride 1: the sum of KH*KW shifted slices (one fused loop).
+
+The sums run in float32 for float16 and bfloat16 columns (each piece converted as it is read,
+the image rounded once at the end): a pixel of a convolution's input gradient sums KH*KW
+products, and bfloat16's 8-bit significand would stop a sum of ones at 256.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from fnlayers._checks import acc_dtype
 from fnlayers.conv.blocking import _is_1x1, _space_to_depth, _two_stage
 from fnlayers.conv.shapes import conv_output_size
 
@@ -227,14 +232,15 @@ def _col2im_impl(
     _, oh, ow, kkc = cols.shape
     c = kkc // (kernel[0] * kernel[1])
     (h, w), (ph, pw) = image, padding
+    dtype = acc_dtype(cols.dtype)
     acc = None
     for idx, (h0, w0) in enumerate(_offsets(kernel, dilation)):
-        piece = cols[..., idx * c : (idx + 1) * c]
+        piece = cols[..., idx * c : (idx + 1) * c].astype(dtype)
         # piece[oh, ow] lands on pixel (h0 + oh, w0 + ow) of the padded image, then the padding
         # is cropped: one padded (or cropped) shifted copy per kernel offset, summed.
         placed = _pad_crop(piece, h0 - ph, h + ph - h0 - oh, w0 - pw, w + pw - w0 - ow)
         acc = placed if acc is None else acc + placed
-    return acc
+    return acc.astype(cols.dtype)
 
 
 def _isolated(f, x):
@@ -269,17 +275,19 @@ def _col2im_phases(cols, kernel, stride, padding, dilation, image):
     h, w = image
     lh = oh + ((kh - 1) * dh) // sh
     lw = ow + ((kw - 1) * dw) // sw
+    dtype = acc_dtype(cols.dtype)
     phases = {}
     for i in range(kh):
         qi, ri = divmod(i * dh, sh)
         for j in range(kw):
             qj, rj = divmod(j * dw, sw)
             idx = i * kw + j
-            placed = _pad_crop(
-                cols[..., idx * c : (idx + 1) * c], qi, lh - oh - qi, qj, lw - ow - qj
-            )
+            piece = cols[..., idx * c : (idx + 1) * c].astype(dtype)
+            placed = _pad_crop(piece, qi, lh - oh - qi, qj, lw - ow - qj)
             key = (ri, rj)
             phases[key] = placed if key not in phases else phases[key] + placed
+    # Each phase rounded once; the interleaving below only moves elements.
+    phases = {key: phase.astype(cols.dtype) for key, phase in phases.items()}
     # Interleaved as (N, LH, sh, LW, sw, C) by stacking (_stack: one fused loop, where a stack of
     # the sh*sw phases and a transpose compiled to a kernel per phase).
     zeros = jnp.zeros((n, lh, lw, c), cols.dtype)
