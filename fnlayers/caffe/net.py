@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from fnlayers.caffe.prototxt import first, parse, to_text
 from fnlayers.graphs import graph
 from fnlayers.tensor_ops import _from_caffe_shape
 
-__all__ = ["CaffeNet", "load_net", "save_caffemodel", "to_prototxt", "upgrade_v1"]
+__all__ = ["CaffeNet", "included", "load_net", "save_caffemodel", "to_prototxt", "upgrade_v1"]
 
 
 @dataclasses.dataclass
@@ -86,6 +86,25 @@ def _read_text(prototxt) -> str:
 _PHASES = {"train": "TRAIN", "test": "TEST"}
 
 
+def included(layer: dict, phase: str, stages: Collection[str], level: int) -> bool:
+    """Whether a net in ``phase`` (``"TRAIN"`` or ``"TEST"``), ``stages`` and ``level`` keeps
+    ``layer`` (a parsed ``LayerParameter``): Caffe's ``Net::FilterNet`` for one layer. With
+    ``include`` rules, the layer is kept when the state meets one of them; with ``exclude``
+    rules, when it meets none; with neither, always (a rule is met when its ``phase``,
+    ``min_level``/``max_level``, ``stage`` and ``not_stage`` all fit, ``Net::StateMeetsRule``).
+
+    Raises:
+      ValueError: the layer has both ``include`` and ``exclude`` rules (naming it).
+    """
+    include, exclude = layer.get("include", []), layer.get("exclude", [])
+    name = first(layer, "name")
+    if include and exclude:
+        raise ValueError(f"Caffe layer {name!r}: specify include or exclude rules, not both")
+    if include:
+        return any(_meets_rule(r, phase, stages, level) for r in include)
+    return not any(_meets_rule(r, phase, stages, level) for r in exclude)
+
+
 def _meets_rule(rule: dict, phase: str, stages, level: int) -> bool:
     """Caffe's ``Net::StateMeetsRule``."""
     if "phase" in rule and first(rule, "phase") != phase:
@@ -99,17 +118,6 @@ def _meets_rule(rule: dict, phase: str, stages, level: int) -> bool:
     if any(s in stages for s in rule.get("not_stage", [])):
         return False
     return True
-
-
-def _included(layer: dict, phase: str, stages, level: int) -> bool:
-    """Caffe's ``Net::FilterNet`` for one layer."""
-    include, exclude = layer.get("include", []), layer.get("exclude", [])
-    name = first(layer, "name")
-    if include and exclude:
-        raise ValueError(f"Caffe layer {name!r}: specify include or exclude rules, not both")
-    if include:
-        return any(_meets_rule(r, phase, stages, level) for r in include)
-    return not any(_meets_rule(r, phase, stages, level) for r in exclude)
 
 
 # ----------------------------------------------------------------------------- V1 upgrade
@@ -239,7 +247,7 @@ def load_net(
     plan = _Plan()
     plan.add_legacy_inputs(net)
     for layer in net.get("layer", []):
-        if _included(layer, _PHASES[phase], stages, level):
+        if included(layer, _PHASES[phase], stages, level):
             plan.add(layer)
     inputs = plan.input_shapes(input_shapes)
     if not inputs:

@@ -39,7 +39,7 @@ import numpy as np
 from fnlayers import checkpoint
 from fnlayers.caffe import builders
 from fnlayers.caffe import data as caffe_data
-from fnlayers.caffe.net import CaffeNet, _included, load_net, save_caffemodel, upgrade_v1
+from fnlayers.caffe.net import CaffeNet, included, load_net, save_caffemodel, upgrade_v1
 from fnlayers.caffe.prototxt import first, parse
 from fnlayers.layers import param_mults
 from fnlayers.train import TrainState, make_train_step
@@ -132,9 +132,7 @@ def run_train(
     iter_size = solver.iter_size
     step = _make_step(net, optimizer, iter_size)
     loss_of = total_loss(net)
-    final_loss = jax.jit(
-        lambda p, s, x, k: loss_of(net.model.apply(p, s, x, key=k, train=True)[0])
-    )
+    final_loss = jax.jit(lambda p, s, x, k: loss_of(net.model.apply(p, s, x, key=k, train=True)[0]))
     ts = TrainState(net.params, net.state, optimizer.init(net.params), jax.random.key(seed))
     positions = {name: 0 for name in sources}
     start = 0
@@ -254,7 +252,7 @@ def data_layers(path, *, phase: str, stages=(), level: int = 0) -> dict[str, dic
     return {
         first(layer, "name"): layer
         for layer in definition.get("layer", [])
-        if first(layer, "type") in DATA_TYPES and _included(layer, caffe_phase, stages, level)
+        if first(layer, "type") in DATA_TYPES and included(layer, caffe_phase, stages, level)
     }
 
 
