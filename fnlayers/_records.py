@@ -160,7 +160,7 @@ class Progress:
             return
         shown = {
             k: f"{record[k]:.4g}"
-            for k in ("loss", "accuracy", "lr", "test_accuracy", "images_per_s")
+            for k in ("loss", "accuracy", "lr", LOSS_SCALE, "test_accuracy", "images_per_s")
             if k in record
         }
         if self.bar is not None:

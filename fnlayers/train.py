@@ -51,6 +51,7 @@ from fnlayers import optim as _optim
 from fnlayers import precision as _precision
 from fnlayers._checks import check_choice, check_positive_int, is_int
 from fnlayers._records import GRAD_NORM, History
+from fnlayers._typing import DTypeLike
 from fnlayers.layers import Layer, _abstract_init
 from fnlayers.optim import Optimizer
 
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 LossFn = Callable[[Any, Any], jax.Array]
+#: ``loss_scale``: None, a positive number (static), ``"dynamic"`` or a DynamicLossScale.
+LossScale = float | str | _precision.DynamicLossScale | None
 MetricFn = Callable[[Any, Any], jax.Array]
 
 #: The key of the per-layer gradient finiteness flags in a step's metrics (``{layer: bool}``).
@@ -124,7 +127,7 @@ def create_train_state(
     *,
     mesh: Mesh | None = None,
     data_axis: str = "data",
-    loss_scale: Any = None,
+    loss_scale: LossScale = None,
 ) -> TrainState:
     """Initialises params, state and optimizer state for ``model`` on inputs of ``in_shape``.
 
@@ -162,7 +165,7 @@ def predict(
     batch_size: int = 256,
     mesh: Mesh | None = None,
     data_axis: str = "data",
-    compute_dtype: Any = None,
+    compute_dtype: DTypeLike | None = None,
 ):
     """``model``'s outputs on ``x`` in evaluation mode (``train=False``), in batches.
 
@@ -209,8 +212,8 @@ def make_train_step(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
-    compute_dtype: Any = None,
-    loss_scale: Any = None,
+    compute_dtype: DTypeLike | None = None,
+    loss_scale: LossScale = None,
 ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict[str, Any]]]:
     """Builds ``step(train_state, x, y) -> (train_state, metrics)``, one jit-compiled function.
 
@@ -388,7 +391,7 @@ def make_eval_step(
     metrics: Mapping[str, MetricFn] | None = None,
     mesh: Mesh | None = None,
     data_axis: str = "data",
-    compute_dtype: Any = None,
+    compute_dtype: DTypeLike | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Builds ``eval_step(params, state, x, y) -> metrics`` (jit-compiled, ``train=False``).
 
@@ -470,8 +473,8 @@ def fit(
     mesh: Mesh | None = None,
     data_axis: str = "data",
     batch_norm: str = "global",
-    compute_dtype: Any = None,
-    loss_scale: Any = None,
+    compute_dtype: DTypeLike | None = None,
+    loss_scale: LossScale = None,
 ) -> tuple[TrainState, History]:
     """Trains ``model`` on ``train_data`` with ``optimizer``.
 

@@ -36,6 +36,7 @@ def test_lenet_learns_the_digits_in_bfloat16():
         epochs=1,
         metrics={"accuracy": losses.accuracy},
         eval_data=(d.x_test, d.y_test),
+        eval_batch_size=len(d.x_test),  # one batch shape: one compilation
         progress=False,
         compute_dtype=jnp.bfloat16,
     )
