@@ -3,11 +3,13 @@
 Ops (``conv2d``, ``max_pool``, ``batch_norm``, ...) are plain functions of arrays; layers
 (``Conv2D``, ``MaxPool``, ``BatchNorm``, ...) are ``(init, apply)`` pairs composed with
 ``serial``/``parallel``/``shared``, or wired as a network of named blobs with ``graph``.
-Submodules: ``caffe`` (``fl.caffe.load_net``: Caffe prototxt and caffemodel import),
+Submodules: ``caffe`` (Caffe nets, caffemodels, solvers and data layers; the ``fnlayers``
+command),
 ``catalogue`` and ``tensor_ops`` (the rest of Caffe's layers and their ops),
-``init`` (Caffe fillers), ``losses``, ``optim`` (Caffe's SGD), ``schedules`` (Caffe's
+``init`` (Caffe fillers), ``losses``, ``optim`` (Caffe's solvers), ``schedules`` (Caffe's
 learning-rate policies), ``models`` (the model zoo),
-``train`` (jit-compiled steps and ``fit``), ``distributed`` (data parallelism over a mesh),
+``train`` (jit-compiled steps and ``fit``), ``precision`` (mixed precision and loss scaling),
+``distributed`` (data parallelism over a mesh),
 ``checkpoint``, ``data``.
 """
 
@@ -21,6 +23,7 @@ from fnlayers import (
     losses,
     models,
     optim,
+    precision,
     schedules,
     tensor_ops,
     train,
@@ -152,6 +155,7 @@ __all__ = [
     "param_mults",
     "pool_output_shape",
     "pool_output_size",
+    "precision",
     "prelu",
     "relu",
     "schedules",
