@@ -532,16 +532,20 @@ def _broadcast_op(fn, x, s, b, axis, caffe_axes):
             f"{start + ref.ndim - 1} from axis={axis} (x{order} {tuple(xb.shape)})"
         )
     bshape = (1,) * start + ref.shape + (1,) * (x.ndim - start - ref.ndim)
-    y = xb
+    # In float32 for bfloat16/float16 inputs: one rounding of the result, and the parameters'
+    # gradients (sums over the broadcast axes) summed in float32.
+    acc = acc_dtype(x.dtype)
+    y = xb.astype(acc)
     if s is not None:
         check_same_dtype(x, s, fn=fn, names=("x", "s"))
-        y = y * ref.reshape(bshape)
+        y = y * ref.astype(acc).reshape(bshape)
     if b is not None:
         check_same_dtype(x, b, fn=fn, names=("x", "b"))
         b = jnp.asarray(b)
         if b.shape != ref.shape:
             raise ValueError(f"{fn}: b has shape {b.shape}, expected s's shape {ref.shape}")
-        y = y + b.reshape(bshape)
+        y = y + b.astype(acc).reshape(bshape)
+    y = y.astype(x.dtype)
     return from_caffe_blob(y) if caffe_axes else y
 
 
@@ -636,7 +640,8 @@ def bnll(x: ArrayLike) -> Array:
     ``max(x, 0) + log1p(exp(-|x|))`` (Caffe: ``x + log(1 + exp(-x))`` for ``x > 0``,
     ``log(1 + exp(x))`` otherwise). The derivative is ``sigmoid(x)``."""
     x = _float(x, "bnll")
-    return jnp.logaddexp(x, jnp.zeros((), x.dtype))
+    acc = acc_dtype(x.dtype)
+    return jnp.logaddexp(x.astype(acc), jnp.zeros((), acc)).astype(x.dtype)
 
 
 def exp(x: ArrayLike, base: float = -1.0, scale: float = 1.0, shift: float = 0.0) -> Array:
