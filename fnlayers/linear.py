@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-from jax import lax
-
 from fnlayers._checks import acc_dtype, check_float_array, check_same_dtype
+from fnlayers._products import dot
 from fnlayers._typing import Array, ArrayLike
 
 __all__ = ["dense", "flatten"]
@@ -38,7 +37,7 @@ def dense(x: ArrayLike, w: ArrayLike, b: ArrayLike | None = None) -> Array:
             f"axes {x.shape[1:]}"
         )
     acc = acc_dtype(x.dtype)
-    y = lax.dot_general(flatten(x), w, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    y = dot(flatten(x), w, (((1,), (0,)), ((), ())), out_dtype=acc)
     if b is None:
         return y.astype(x.dtype)
     check_same_dtype(x, b, fn=fn, names=("x", "b"))

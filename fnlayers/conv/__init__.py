@@ -13,8 +13,10 @@ the slices that build the columns; forward mode, higher orders, ``jit``, ``vmap`
 ``shard_map`` all work, as does a whole-batch program on a sharded batch under ``jax.set_mesh``.
 When a layer's column matrix is large, ``conv2d`` runs that same im2col + product over blocks of
 the batch (or of output rows) sized to stay in cache, rebuilding each block's columns in the
-backward pass. ``impl="xla"`` computes the same convolution with ``lax.conv_general_dilated``,
-the baseline every benchmark compares against.
+backward pass. The products go through :func:`fnlayers._products.dot`: float32 accumulation, and
+for bfloat16/float16 operands backward products in that dtype too (reverse mode only: ``jax.jvp``
+of a low-precision convolution raises). ``impl="xla"`` computes the same convolution with
+``lax.conv_general_dilated``, the baseline every benchmark compares against.
 
 Modules: :mod:`~fnlayers.conv.ops` (the public ops), :mod:`~fnlayers.conv.shapes` (Caffe's shape
 rules), :mod:`~fnlayers.conv.primitives` (``im2col_p``, ``col2im_p``: their column builds and

@@ -17,6 +17,7 @@ from fnlayers._checks import (
     check_rank,
     check_same_dtype,
 )
+from fnlayers._products import dot
 from fnlayers._typing import Array, ArrayLike, IntPair
 from fnlayers.conv import blocking
 from fnlayers.conv.blocking import partitioned_devices, plan_blocks
@@ -128,9 +129,11 @@ def conv_transpose2d(
         n, h, wd = x.shape[:3]
         xg = x.reshape(n, h, wd, groups, c_in // groups)
         wg = w.reshape(kh * kw, c_out_g, groups, c_in // groups)
-        acc = acc_dtype(x.dtype)
-        cols = jnp.einsum("nhwgm,kcgm->nhwkgc", xg, wg, preferred_element_type=acc)
-        cols = cols.astype(x.dtype).reshape(n, h, wd, kh * kw * c_out_g * groups)
+        # (G, KH*KW, C_out/G, N, H, W), operands in the order and layout jnp.einsum
+        # ("nhwgm,kcgm->nhwkgc") chose when it computed this product, so float32 programs are as
+        # they were.
+        cols = dot(wg, xg, (((3,), (4,)), ((2,), (3,)))).transpose(3, 4, 5, 1, 0, 2)
+        cols = cols.reshape(n, h, wd, kh * kw * c_out_g * groups)
         return _col2im(cols, out_shape[1:3], (kh, kw), stride, padding, dilation)
 
     return _add_bias(_per_example(deconv, x, w), b, fn)
@@ -337,19 +340,17 @@ def _conv_block(x, wm, *, kernel, stride, padding, dilation, groups, isolate_col
     Forming the columns of all channels and splitting them by group would make XLA transpose the
     whole column matrix to bring the group axis forward.
     """
-    acc = acc_dtype(x.dtype)
     geometry = (kernel, stride, padding, dilation, isolate_col2im)
     if groups == 1:
         cols = _im2col(x, *geometry)
-        y = lax.dot_general(cols, wm, (((3,), (1,)), ((), ())), preferred_element_type=acc)
-        return y.astype(x.dtype)
+        return dot(cols, wm, (((3,), (1,)), ((), ())))
     g, n = x.shape[:2]
     cols = _im2col(x.reshape(g * n, *x.shape[2:]), *geometry)
     _, oh, ow, k_g = cols.shape
     cols = cols.reshape(g, n * oh * ow, k_g)
-    y = lax.dot_general(cols, wm, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
+    y = dot(cols, wm, (((2,), (2,)), ((0,), (0,))))
     y = y.reshape(g, n, oh, ow, -1).transpose(1, 2, 3, 0, 4)  # the outputs: small
-    return y.reshape(n, oh, ow, -1).astype(x.dtype)
+    return y.reshape(n, oh, ow, -1)
 
 
 def _weight_matrix(w, groups):
