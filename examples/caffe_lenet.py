@@ -15,7 +15,8 @@ and then runs, in ``--out``, the three commands a Caffe user types::
         --weights examples/mnist/lenet_iter_N.caffemodel --iterations 4
     fnlayers time --model examples/mnist/lenet_train_test.prototxt --iterations 10
 
-The solver's ``max_iter`` is 10000; ``--iterations`` stops earlier (``--quick``: 300). Run::
+The solver's ``max_iter`` is 10000; ``--iterations`` stops earlier (``--quick``: 100, and 2
+timed runs). Run::
 
     python examples/caffe_lenet.py --out /tmp/lenet [--quick]
 """
@@ -59,9 +60,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the directory to build and run in")
     parser.add_argument("--iterations", type=int, default=None, help="stop training here")
-    parser.add_argument("--quick", action="store_true", help="300 iterations")
+    parser.add_argument("--quick", action="store_true", help="100 iterations, 2 timed runs")
     args = parser.parse_args(argv)
-    iterations = 300 if args.quick and args.iterations is None else args.iterations
+    iterations = 100 if args.quick and args.iterations is None else args.iterations
+    timed = "2" if args.quick else "10"
     write_project(args.out)
     os.chdir(args.out)  # Caffe's paths are relative to where the command runs
     solver = "examples/mnist/lenet_solver.prototxt"
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     weights = f"examples/mnist/lenet_iter_{reached}.caffemodel"
     for command in (
         train,
-        ["time", "--model", model, "--iterations", "10"],
+        ["time", "--model", model, "--iterations", timed],
         ["test", "--model", model, "--weights", weights, "--iterations", "4"],
     ):
         print("$ fnlayers " + " ".join(command), flush=True)

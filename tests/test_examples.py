@@ -49,7 +49,7 @@ EXAMPLES = {
     ),
     "caffe_lenet": (
         ["examples/caffe_lenet.py", "--quick"],
-        r"fnlayers test accuracy after 300 iterations: (\d\.\d{3})",
+        r"fnlayers test accuracy after 100 iterations: (\d\.\d{3})",
     ),
     "conv_demo": (
         ["examples/conv_demo.py"],
@@ -183,4 +183,4 @@ def test_caffe_lenet_project_with_the_fnlayers_command(started):
         "Average Forward pass: ",
     ):
         assert line in stdout, line
-    assert (out / "examples/mnist/lenet_iter_300.solverstate").is_file()
+    assert (out / "examples/mnist/lenet_iter_100.solverstate").is_file()
