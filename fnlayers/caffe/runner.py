@@ -28,6 +28,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -319,9 +320,7 @@ def _next_batches(sources, positions, count: int, *, stack: bool = True) -> dict
             merged.update(next(src))
             positions[name] += 1
         batches.append(merged)
-    if not stack:
-        return batches[0]
-    if count == 1:
+    if not stack or count == 1:
         return batches[0]
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
@@ -338,7 +337,7 @@ class _SigintFlag:
 
     def __enter__(self):
         self._old = None
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signal's requirement
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -349,12 +348,6 @@ class _SigintFlag:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _progress(it: int, total: int) -> None:
