@@ -221,22 +221,19 @@ def run_test(
     """``caffe test``: the TEST phase over ``iterations`` batches; logs each batch's outputs
     (``Batch i, NAME = VALUE``) and returns (and logs) each output's mean."""
     net, sources = open_net(model, phase="test", stages=stages, level=level, weights=weights)
-    run_eval = _make_eval(net)
-    positions = {name: 0 for name in sources}
-    totals: dict[str, float] = {}
-    for i in range(iterations):
-        outs = run_eval(net.params, net.state, _next_batches(sources, positions, 1, stack=False))
+
+    def each_batch(i, values):
         for name in net.outputs:
-            value = float(jnp.mean(outs[name]))
-            totals[name] = totals.get(name, 0.0) + value
-            log(f"Batch {i}, {name} = {value:.6g}")
-    means = {k: v / iterations for k, v in totals.items()}
+            log(f"Batch {i}, {name} = {values[name]:.6g}")
+
+    means = _mean_outputs(
+        _make_eval(net), net.params, net.state, sources, iterations, on_batch=each_batch
+    )
+    means = {name: means[name] for name in net.outputs}
     loss = sum(net.loss_weights.get(k, 0.0) * v for k, v in means.items())
     log(f"Loss: {loss:.6g}")
     for name, value in means.items():
-        w = net.loss_weights.get(name, 0.0)
-        extra = f" (* {w:g} = {w * value:.6g} loss)" if w else ""
-        log(f"{name} = {value:.6g}{extra}")
+        log(f"{name} = {value:.6g}{_loss_note(net, name, value)}")
     return means
 
 
@@ -291,23 +288,32 @@ def _shared_weights(test_net: CaffeNet, params, state):
     return p, s
 
 
-def _mean_outputs(run_eval, params, state, sources, batches: int) -> dict[str, float]:
-    positions = {name: 0 for name in sources}
+def _mean_outputs(run_eval, params, state, sources, batches: int, on_batch=None):
+    """Each output's mean over the next ``batches`` batches of ``sources`` (a test net's
+    sources keep their position from one pass to the next, as Caffe's do);
+    ``on_batch(i, {output: batch mean})`` sees each batch's values."""
     totals: dict[str, float] = {}
-    for _ in range(batches):
-        outs = run_eval(params, state, _next_batches(sources, positions, 1, stack=False))
-        for name, value in outs.items():
-            totals[name] = totals.get(name, 0.0) + float(jnp.mean(value))
+    for i in range(batches):
+        outs = run_eval(params, state, _next_batches(sources, {}, 1, stack=False))
+        values = {name: float(jnp.mean(value)) for name, value in outs.items()}
+        if on_batch is not None:
+            on_batch(i, values)
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value
     return {k: v / batches for k, v in totals.items()}
+
+
+def _loss_note(net: CaffeNet, name: str, value: float) -> str:
+    """Caffe's `` (* w = w*value loss)`` after an output with a loss weight."""
+    w = net.loss_weights.get(name, 0.0)
+    return f" (* {w:g} = {w * value:.6g} loss)" if w else ""
 
 
 def _log_outputs(log, which: str, net: CaffeNet, values: dict[str, float]) -> None:
     for i, name in enumerate(net.outputs):
-        if name not in values:
-            continue
-        w = net.loss_weights.get(name, 0.0)
-        extra = f" (* {w:g} = {w * values[name]:.6g} loss)" if w else ""
-        log(f"    {which} net output #{i}: {name} = {values[name]:.6g}{extra}")
+        if name in values:
+            note = _loss_note(net, name, values[name])
+            log(f"    {which} net output #{i}: {name} = {values[name]:.6g}{note}")
 
 
 def _next_batches(sources, positions, count: int, *, stack: bool = True) -> dict:
@@ -318,7 +324,7 @@ def _next_batches(sources, positions, count: int, *, stack: bool = True) -> dict
         merged = {}
         for name, src in sources.items():
             merged.update(next(src))
-            positions[name] += 1
+            positions[name] = positions.get(name, 0) + 1
         batches.append(merged)
     if not stack or count == 1:
         return batches[0]

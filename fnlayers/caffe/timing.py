@@ -21,6 +21,7 @@ import numpy as np
 
 from fnlayers.caffe.net import CaffeNet
 from fnlayers.layers import apply_leaves
+from fnlayers.tensor_ops import _from_caffe_shape
 
 __all__ = ["LayerTime", "random_inputs", "time_net"]
 
@@ -141,8 +142,6 @@ def _median_ms(fn, iterations: int) -> float:
 def random_inputs(net: CaffeNet, seed: int = 0):
     """Standard-normal NHWC inputs shaped as ``net.inputs`` declares (one array for one
     input), for nets without data layers."""
-    from fnlayers.tensor_ops import _from_caffe_shape
-
     rng = np.random.default_rng(seed)
     arrays = {
         name: rng.standard_normal(_from_caffe_shape(tuple(shape))).astype(np.float32)
