@@ -2,7 +2,7 @@
 
 For each convolution of Caffe's CIFAR10-quick at batch 100 this times, with
 ``fnlayers.bench.floor``, only the matrix products that ``conv2d(impl="im2col")`` runs in a train
-step (forward ``cols·W``; backward ``dYᵀ·cols`` and, except for conv1 whose input is the data,
+step (forward ``cols·W``; backward ``colsᵀ·dY`` and, except for conv1 whose input is the data,
 ``dY·Wᵀ``) at the block shapes it runs them, with ``jnp`` and with ``torch.matmul``; then
 PyTorch's whole train step of the same network (``fnlayers.bench.train``). If the products alone
 take longer than PyTorch's whole step, an im2col network cannot reach it on this machine.

@@ -727,6 +727,17 @@ def _train_forward(model, axis, slices):
             return model.apply(params, state, xs, key=k, train=True)
 
         if slices == 1:
+            # Most models never name the axis, and tracing them through a vmap of one slice
+            # costs: every op goes through its batching rule, which doubled the time to trace
+            # AlexNet's step and added reshapes for XLA to compile. So the model is traced
+            # plainly first; a layer that uses the axis (BatchNorm(axis_name=axis), a
+            # collective in a custom layer) raises JAX's NameError for an unbound axis name,
+            # and the model is then traced again with the axis bound. Any other NameError is
+            # raised again by that second trace.
+            try:
+                return run(x, key)
+            except NameError:
+                pass
             outputs, new_state = jax.vmap(run, in_axes=(0, None), axis_name=axis)(
                 jax.tree.map(lambda a: a[None], x), key
             )

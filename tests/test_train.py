@@ -175,6 +175,42 @@ def test_train_step_donates_and_threads_the_key(digits12, key):
     assert set(result) == {"loss", "acc"} and 0.0 <= result["acc"] <= 1.0
 
 
+def _in_training(fn, name):
+    """A parameter-free layer that applies ``fn`` to its input in training mode only (its
+    init traces nothing, so ``fn`` may use a mesh axis name)."""
+
+    def init(key, in_shape):
+        return in_shape, {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        return (fn(x) if train else x), state
+
+    return fl.layers.Layer(init, apply, name=name, kind="custom")
+
+
+def _one_step(model, digits12, key):
+    solver = optim.sgd(0.1)
+    ts = train.create_train_state(model, solver, (-1, 12, 12, 1), key)
+    step = train.make_train_step(model, losses.softmax_cross_entropy, solver)
+    _, metrics = step(ts, digits12.x_train[:8], digits12.y_train[:8])
+    return float(metrics["loss"])
+
+
+def test_the_train_step_binds_the_data_axis_for_a_layer_that_uses_it(digits12, key):
+    # psum of 1 over the axis is its size: 1 without a mesh, and only legal with the axis bound
+    by_axis_size = _in_training(lambda x: x / jax.lax.psum(1, "data"), "scale")
+    plain = _one_step(fl.serial(_in_training(lambda x: x, "scale"), small_net()), digits12, key)
+    assert _one_step(fl.serial(by_axis_size, small_net()), digits12, key) == plain
+
+
+def test_a_name_error_inside_a_layer_reaches_the_caller(digits12, key):
+    def broken(x):
+        return x * undefined_scale  # noqa: F821
+
+    with pytest.raises(NameError, match="undefined_scale"):
+        _one_step(fl.serial(_in_training(broken, "broken"), small_net()), digits12, key)
+
+
 def test_train_step_reports_per_layer_gradient_norms_and_finiteness(digits12, key):
     model = small_net()
     solver = optim.sgd(0.1)

@@ -3,7 +3,7 @@
 For one conv case this times only the products that ``conv2d(impl="im2col")`` runs, at the
 block shapes it runs them (``fnlayers.conv.blocking.plan_blocks``, the plan the convolution
 itself follows), with no columns built: the forward product ``cols · W`` and, for
-forward+backward, also ``dYᵀ · cols`` and ``dY · Wᵀ``. Random operands of those shapes stand in
+forward+backward, also ``colsᵀ · dY`` and ``dY · Wᵀ``. Random operands of those shapes stand in
 for the real ones; the time of one block is multiplied by the number of blocks. The same
 products are timed with ``torch.matmul`` (MKL/oneDNN GEMM) where PyTorch is importable. In a
 ``dtype`` other than float32 the operands are in it and the ``jnp`` products accumulate in
@@ -73,7 +73,7 @@ def time_products_jax(
         y = einsum("gmk,gko->gmo", cols, w)
         if dy is None:
             return y
-        dw = einsum("gmo,gmk->gok", dy, cols)  # dYᵀ·cols, as conv2d computes it
+        dw = einsum("gmk,gmo->gko", cols, dy)  # colsᵀ·dY, as conv2d computes it
         dcols = einsum("gmo,gko->gmk", dy, w)
         return y, dw, dcols
 

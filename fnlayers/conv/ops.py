@@ -275,7 +275,7 @@ def _conv_blocks(x, w, *, stride, padding, dilation, groups, tile=None):
     A block is a few examples, or a window of output rows of one example (the input rows it reads,
     halo included, are cut out beforehand and stacked along the batch axis). The block body is
     rematerialised (``jax.checkpoint``): the backward pass rebuilds each block's columns rather
-    than keeping all of them, so per block it is ``im2col``, the two products ``dW += dYᵀ·cols``
+    than keeping all of them, so per block it is ``im2col``, the two products ``dW += colsᵀ·dY``
     and ``dcols = dY·W``, and ``col2im`` -- Caffe's backward, in cache. Forward mode, higher
     orders and ``vmap`` go through ``scan``'s own rules.
     """
@@ -343,25 +343,37 @@ def _conv_block(x, wm, *, kernel, stride, padding, dilation, groups, isolate_col
     geometry = (kernel, stride, padding, dilation, isolate_col2im)
     if groups == 1:
         cols = _im2col(x, *geometry)
-        return dot(cols, wm, (((3,), (1,)), ((), ())))
+        return dot(cols, wm, (((3,), (_k_axis(wm.dtype),)), ((), ())))
     g, n = x.shape[:2]
     cols = _im2col(x.reshape(g * n, *x.shape[2:]), *geometry)
     _, oh, ow, k_g = cols.shape
     cols = cols.reshape(g, n * oh * ow, k_g)
-    y = dot(cols, wm, (((2,), (2,)), ((0,), (0,))))
+    y = dot(cols, wm, (((2,), (1 + _k_axis(wm.dtype),)), ((0,), (0,))))
     y = y.reshape(g, n, oh, ow, -1).transpose(1, 2, 3, 0, 4)  # the outputs: small
     return y.reshape(n, oh, ow, -1)
 
 
 def _weight_matrix(w, groups):
-    """The weight as the product wants it: ``(C_out, KH*KW*C)`` for ``groups == 1``, contracted
-    on its last axis, so that dW comes out of the backward pass as ``dYᵀ·cols``, which XLA:CPU runs
-    faster than ``colsᵀ·dY``; ``(G, C_out/G, KH*KW*C/G)`` otherwise, one such matrix per group."""
+    """The weight as the product wants it, contracted on axis :func:`_k_axis`.
+
+    Float32 (and wider): ``(KH*KW*C, C_out)``, a free reshape of HWIO, so that neither the
+    forward product ``cols·W`` nor the weight gradient ``colsᵀ·dY`` (already in HWIO order)
+    needs a transposed copy of the weight: such a copy is a kernel of its own for XLA:CPU to
+    compile and one more pass over the weight in every step. float16/bfloat16:
+    ``(C_out, KH*KW*C)``, the gradient coming out as ``dYᵀ·cols``: XLA:CPU's dot runtime has no
+    low-precision ``colsᵀ·dY`` with a float32 result ("Unsupported element type for
+    DotThunk"). With groups, one such matrix per group, the group axis first."""
     kh, kw, c_g, c_out = w.shape
-    if groups == 1:
-        return w.reshape(kh * kw * c_g, c_out).T
     wm = w.reshape(kh * kw * c_g, groups, c_out // groups)
-    return wm.transpose(1, 2, 0)
+    if _k_axis(w.dtype) == 0:
+        return wm.reshape(kh * kw * c_g, c_out) if groups == 1 else wm.transpose(1, 0, 2)
+    return wm.reshape(kh * kw * c_g, c_out).T if groups == 1 else wm.transpose(1, 2, 0)
+
+
+def _k_axis(dtype) -> int:
+    """The axis of the (per-group) weight matrix that the product contracts (see
+    :func:`_weight_matrix`)."""
+    return 0 if acc_dtype(dtype) == dtype else 1
 
 
 def _group_major(x, groups):
