@@ -7,8 +7,15 @@ tables give medians over the repetitions. For each compile: ``jax.jit(f).lower(.
 ``.compile()`` time, and counts from the optimized HLO (``compiled.as_text()``): fusion
 instructions (each is one generated kernel), instructions in the non-fused computations (the
 entry, loop bodies and branches: what the runtime executes), and ENTRY instructions. The
-whole-step children also time the step (median of steps after two warm-up steps), so a change
-that trades compile time for run time shows in the same run.
+whole-step children also time the step (median of steps after two warm-up steps), and the
+one-layer children time forward+backward (median of 10 calls after two), so a change that trades
+compile time for run time shows in the same run. ``cpu s`` is the process's CPU time over lowering
+and compiling (XLA compiles kernels on several threads): less disturbed than the wall time when
+other work shares the cores.
+
+``--base DIR`` adds the fnlayers configurations once more with the package imported from DIR
+(a checkout of an earlier commit, e.g. ``git worktree add /tmp/base HEAD~1``), alternating with
+the others in every repetition, so a change is measured against its baseline in the same run.
 
 Run with the interpreter that has Flax (the results of 2026-12-01 used /tmp/benchvenv):
 
@@ -71,12 +78,14 @@ def _time_compile(jitted, *args) -> dict:
     import jax
 
     jax.block_until_ready(args)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     out = {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+    out["cpu_s"] = time.process_time() - c0
     out.update(hlo_counts(compiled.as_text()))
     return out, compiled
 
@@ -122,14 +131,27 @@ def child_layer(layer: str, impl: str) -> dict:
         y = fl.conv.conv2d(x, w, b, stride=stride, padding=pad, groups=groups, impl=impl)
         return jnp.sum(y * y)
 
-    out, _ = _time_compile(jax.jit(jax.grad(loss, argnums=argnums)), x, w, b)
+    out, compiled = _time_compile(jax.jit(jax.grad(loss, argnums=argnums)), x, w, b)
+    times = []
+    for i in range(12):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(x, w, b))
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    out["run_ms"] = 1e3 * statistics.median(times)
     return out
 
 
-def _run_child(spec: list[str]) -> dict:
+BASE = "@base"  # suffix of a configuration run with the package from --base
+
+
+def _run_child(spec: list[str], base: str | None = None) -> dict:
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    if any(a.endswith(BASE) for a in spec):
+        env["PYTHONPATH"] = os.pathsep.join([base, env.get("PYTHONPATH", "")])
+        spec = [a.removesuffix(BASE) for a in spec]
     r = subprocess.run(
         [sys.executable, __file__, "--child", *spec],
         capture_output=True,
@@ -152,6 +174,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per step child")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--label", default="", help="a note on the code measured")
+    ap.add_argument("--base", help="a checkout whose fnlayers is measured alongside (see above)")
     ap.add_argument(
         "--out",
         default=os.path.join(
@@ -166,15 +189,19 @@ def main() -> int:
         print(json.dumps(res))
         return 0
 
-    specs = [["step", f] for f in STEP_CONFIGS]
+    step_configs, layer_impls = STEP_CONFIGS, LAYER_IMPLS
+    if args.base:
+        step_configs = ("fnlayers" + BASE, *step_configs)
+        layer_impls = ("im2col" + BASE, *layer_impls)
+    specs = [["step", f] for f in step_configs]
     if not args.no_layers:
-        specs += [["layer", ly, impl] for ly in LAYERS for impl in LAYER_IMPLS]
+        specs += [["layer", ly, impl] for ly in LAYERS for impl in layer_impls]
     results: dict[str, list[dict]] = {" ".join(s): [] for s in specs}
     for rep in range(args.reps):
         # Alternate: each repetition runs every configuration once, in a rotated order.
         order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
         for s in order:
-            r = _run_child([*s, "--steps", str(args.steps)] if s[0] == "step" else s)
+            r = _run_child([*s, "--steps", str(args.steps)] if s[0] == "step" else s, args.base)
             results[" ".join(s)].append(r)
             print(rep, " ".join(s), json.dumps(r), file=sys.stderr, flush=True)
 
@@ -186,24 +213,27 @@ def main() -> int:
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
         f"`{' '.join(['python', 'benchmarks/compile_time.py', *sys.argv[1:]])}`; "
         f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} cores. {args.label}",
+        f"{len(os.sched_getaffinity(0))} cores. {args.label}"
+        + (f" `{BASE}`: the package from `{args.base}`." if args.base else ""),
         "",
         f"Each cell: median of {args.reps} fresh processes, configurations alternating. lower: "
         "`jit(f).lower(...)`; compile: `.compile()`; fusions: fusion instructions in the "
         "optimized HLO (one generated kernel each); executed: instructions outside fused "
         "computations; entry: ENTRY instructions.",
         "",
-        "| step | lower s | compile s | total s | vs flax | fusions | executed | entry | step ms |"
-        " step vs flax |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step | lower s | compile s | total s | vs flax | cpu s | cpu vs flax | fusions "
+        "| executed | entry | step ms | step vs flax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     flax = results["step flax"]
-    for f in STEP_CONFIGS:
+    for f in step_configs:
         rows = results[f"step {f}"]
         lines.append(
             f"| {f} | {_median(rows, 'lower_s'):.2f} | {_median(rows, 'compile_s'):.2f} | "
             f"{_median(rows, 'total_s'):.2f} | "
             f"{_median(rows, 'total_s') / _median(flax, 'total_s'):.2f}x | "
+            f"{_median(rows, 'cpu_s'):.2f} | "
+            f"{_median(rows, 'cpu_s') / _median(flax, 'cpu_s'):.2f}x | "
             f"{_median(rows, 'fusions'):.0f} | {_median(rows, 'executed_instructions'):.0f} | "
             f"{_median(rows, 'entry_instructions'):.0f} | {_median(rows, 'step_ms'):.0f} | "
             f"{_median(rows, 'step_ms') / _median(flax, 'step_ms'):.2f}x |"
@@ -213,7 +243,7 @@ def main() -> int:
         "Per repetition (total s): "
         + "; ".join(
             f"{f} " + ", ".join(f"{r['total_s']:.2f}" for r in results[f"step {f}"])
-            for f in STEP_CONFIGS
+            for f in step_configs
         ),
     ]
     if not args.no_layers:
@@ -222,16 +252,18 @@ def main() -> int:
             "One layer, `jit(grad(sum(conv2d(x, w, b)**2)))` at AlexNet's shapes (conv1: "
             "gradients of w and b only, as in the network):",
             "",
-            "| layer | impl | lower s | compile s | fusions | executed |",
-            "|---|---|---|---|---|---|",
+            "| layer | impl | lower s | compile s | cpu s | fusions | executed | fwd+bwd ms |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for ly in LAYERS:
-            for impl in LAYER_IMPLS:
+            for impl in layer_impls:
                 rows = results[f"layer {ly} {impl}"]
                 lines.append(
                     f"| {ly} | {impl} | {_median(rows, 'lower_s'):.2f} | "
-                    f"{_median(rows, 'compile_s'):.2f} | {_median(rows, 'fusions'):.0f} | "
-                    f"{_median(rows, 'executed_instructions'):.0f} |"
+                    f"{_median(rows, 'compile_s'):.2f} | {_median(rows, 'cpu_s'):.2f} | "
+                    f"{_median(rows, 'fusions'):.0f} | "
+                    f"{_median(rows, 'executed_instructions'):.0f} | "
+                    f"{_median(rows, 'run_ms'):.1f} |"
                 )
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -403,6 +403,7 @@ def test_output_shape_helpers_work_from_shapes_alone():
 # column matrix is large; every path must give the same matrix and the same gradients.
 blocking = __import__("importlib").import_module("fnlayers.conv.blocking")
 primitives = __import__("importlib").import_module("fnlayers.conv.primitives")
+folding = __import__("importlib").import_module("fnlayers.conv.folding")
 
 PATH_GEOMETRIES = [
     # (image, kernel, stride, pad, dilation)
@@ -575,10 +576,11 @@ def _blocks_in_jaxpr(f, *args):
 
 
 def test_plan_blocks_is_what_conv2d_runs_for_alexnet_conv1(monkeypatch):
-    """AlexNet conv1 at the floor benchmark's batch: 121 taps on 3 channels build their columns
-    in two stages, in blocks of half the budget. The plan, the scan in conv2d's jaxpr and the
-    floor benchmark's block shapes agree: 10 blocks of 4 windows of 11 output rows (2420 rows of
-    363 columns), not 8 blocks of one whole example."""
+    """AlexNet conv1 at the floor benchmark's batch: 121 taps on 3 channels with stride 4 are
+    folded into 9 taps of 4x4x3 = 48 channels on the 57x57 image of 4x4 tiles, zero taps
+    included (3*4 = 12 > 11): 432-wide columns, built in one stage. The plan, the scan in
+    conv2d's jaxpr and the floor benchmark's block shapes agree: one example per block (3025
+    rows of 432 columns)."""
     from fnlayers.bench import conv as conv_bench
     from fnlayers.bench import floor
 
@@ -588,25 +590,61 @@ def test_plan_blocks_is_what_conv2d_runs_for_alexnet_conv1(monkeypatch):
     plan = blocking.plan_blocks(x.shape, case.kernel, stride=case.stride, dtype=x.dtype)
     assert plan == blocking.BlockPlan(
         tiled=True,
-        rows=11,
-        per_block=4,
-        blocks=10,
-        cols_shape=(1, 2420, 363),
-        two_stage=True,
-        block_bytes=blocking._BLOCK_BYTES // 2,
+        rows=55,
+        per_block=1,
+        blocks=case.n,
+        cols_shape=(1, 3025, 432),
+        two_stage=False,
+        block_bytes=blocking._BLOCK_BYTES,
+        folded=True,
     )
+    calls = []
+    fold_input = folding.fold_input
+    monkeypatch.setattr(folding, "fold_input", lambda *a: calls.append(a) or fold_input(*a))
     conv = lambda x, w: fl.conv2d(x, w, stride=case.stride)
     length, cols = _blocks_in_jaxpr(conv, x, w)
+    assert [a[0].shape for a in calls] == [x.shape]
     assert length == plan.blocks
-    assert cols == (plan.per_block, plan.rows, 55, 363)
-    # Lowered, each block's im2col takes the two-stage build, on windows of 11 output rows: the
-    # (11 - 1)*4 + 11 = 51 input rows they read.
+    assert cols == (plan.per_block, plan.rows, 55, 432)
+    want = {"m": 3025, "k": 432, "o": 96, "groups": 1, "blocks": case.n}
+    assert floor.block_shapes(case) == want
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel, stride, padding, folds",
+    [
+        ((2, 23, 26, 3), 11, 4, 0, True),  # AlexNet's conv1, a smaller image
+        ((2, 22, 25, 3), 11, 4, 2, True),  # padded; the tiles cut the last rows off
+        ((2, 19, 21, 1), (8, 6), (4, 3), (1, 2), True),  # unequal strides, a 1-channel image
+        ((2, 30, 30, 3), 7, 2, 3, False),  # the ResNet/GoogLeNet conv1: 1.31x the work
+        ((2, 30, 30, 3), 11, 4, 0, False),  # grouped (below): never folded
+    ],
+)
+def test_stride_folding_matches_xla(rng, monkeypatch, x_shape, kernel, stride, padding, folds):
     calls = []
-    width_taps = primitives._width_taps
-    monkeypatch.setattr(primitives, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))
-    jax.jit(conv).lower(x, w)
-    assert [a[0].shape for a in calls] == [(plan.per_block, 51, case.w, case.c_in)]
-    assert floor.block_shapes(case) == {"m": 2420, "k": 363, "o": 96, "groups": 1, "blocks": 10}
+    fold_weight = folding.fold_weight
+    monkeypatch.setattr(folding, "fold_weight", lambda *a: calls.append(a) or fold_weight(*a))
+    groups = 1 if folds or kernel == 7 else 3
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    wt = 0.1 * rng.standard_normal((*pair(kernel), x_shape[3] // groups, 6)).astype(np.float32)
+    cfg = dict(stride=stride, padding=padding, groups=groups)
+    loss = lambda x, w, impl: jnp.sum(jnp.sin(fl.conv2d(x, w, impl=impl, **cfg)))
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(x, wt, "im2col")
+    assert bool(calls) == folds
+    want = jax.value_and_grad(loss, argnums=(0, 1))(x, wt, "xla")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b)))
+
+
+def test_stride_folding_check_grads(rng):
+    x = rng.standard_normal((1, 13, 11, 1))
+    wt = rng.standard_normal((8, 6, 1, 2))
+    plan = blocking.plan_blocks(x.shape, (8, 6), stride=(4, 3), padding=1, dtype=np.float64)
+    assert plan.folded
+    with jax.enable_x64():
+        f = lambda x, w: fl.conv2d(x, w, stride=(4, 3), padding=1)
+        check_grads(f, (x, wt), order=2, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize(
@@ -664,6 +702,7 @@ def test_plan_blocks_checks_its_arguments():
     ],
 )
 def test_two_stage_im2col_matches_xla(rng, monkeypatch, kernel, stride, padding, dilation):
+    monkeypatch.setattr(blocking, "_FOLD_MAX_WORK", 0)  # conv2d would fold AlexNet's conv1
     calls = []
     width_taps = primitives._width_taps
     monkeypatch.setattr(primitives, "_width_taps", lambda *a: calls.append(a) or width_taps(*a))

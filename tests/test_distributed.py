@@ -154,7 +154,12 @@ def test_two_processes_match_one_process_and_resume_from_process_0s_checkpoint(t
         with np.load(tmp_path / "params-reference.npz") as ref:
             for k in ref.files:
                 np.testing.assert_array_equal(p0[k], p1[k])  # identical in both processes
-                np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6)
+                # Sums run in another order than on one device, and over 6 steps a max-pooling
+                # window whose two largest inputs are that close may pick the other one, or a
+                # ReLU input that close to 0 change sign: each moves one row or column of a
+                # weight gradient a little (up to 1.2e-4 here, against weights of 0.05) while
+                # the losses above still agree to 1e-5.
+                np.testing.assert_allclose(p0[k], ref[k], rtol=0, atol=5e-4)
 
 
 def test_a_killed_peer_makes_the_survivor_exit_non_zero_within_the_bound(tmp_path):

@@ -33,9 +33,7 @@ _NOTES = ("CAFFE_" + "SEMANTICS", "DESIGN" + r"\.md", "PERF_" + "NOTES", "STYLE"
 _SHARED = ("shared/" + "background", "shared/" + "caffe-models")
 _ROUNDS = ("ses" + "sion [0-9]", "fifth ses" + "sion", "fourth ses" + "sion")
 FORBIDDEN = re.compile(
-    "|".join(
-        (*_ROUNDS, *_NOTES, "CAFFE_" + "INTEROP", r"\.\./" + "shared", *_SHARED)
-    ),
+    "|".join((*_ROUNDS, *_NOTES, "CAFFE_" + "INTEROP", r"\.\./" + "shared", *_SHARED)),
     re.IGNORECASE,
 )
 

@@ -19,7 +19,7 @@ from fnlayers._checks import (
 )
 from fnlayers._products import dot
 from fnlayers._typing import Array, ArrayLike, IntPair
-from fnlayers.conv import blocking
+from fnlayers.conv import blocking, folding
 from fnlayers.conv.blocking import partitioned_devices, plan_blocks
 from fnlayers.conv.primitives import _col2im, _im2col, _pad_crop
 from fnlayers.conv.shapes import (
@@ -247,7 +247,8 @@ def _add_bias(y, b, fn):
 
 
 def _conv_im2col(x, w, *, stride, padding, dilation, groups):
-    """``im2col`` then one product, over blocks when the columns are large (:func:`_conv_blocks`).
+    """``im2col`` then one product, over blocks when the columns are large (:func:`_conv_blocks`),
+    after folding the stride into the channels where ``blocking._fold_stride`` says so.
 
     In a program partitioned over several devices (``fit(mesh=...)``), the batch is split into
     one slice per device first and the slices are a ``vmap`` axis: XLA does not partition a
@@ -256,6 +257,11 @@ def _conv_im2col(x, w, *, stride, padding, dilation, groups):
     each device tiles its own slice as one device tiles its batch. A batch that does not split
     evenly is convolved untiled.
     """
+    itemsize = x.dtype.itemsize
+    if blocking._fold_stride(x.shape, w.shape[:2], stride, padding, dilation, groups, itemsize):
+        x = folding.fold_input(x, w.shape[:2], stride, padding)
+        w = folding.fold_weight(w, stride)
+        stride, padding = (1, 1), (0, 0)
     cfg = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     shards = partitioned_devices()
     if shards == 1:
