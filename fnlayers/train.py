@@ -247,9 +247,11 @@ def make_train_step(
         micro-batches: each one split, along axis 1). The step is
         the single-device step on the global batch, partitioned by XLA; the mesh changes only
         the order of floating-point sums.
-      data_axis: the mesh axis the batch is split over. Inside the step the model runs with
-        this axis name bound, so a ``BatchNorm(axis_name=data_axis)`` works with or without a
-        mesh (its statistics are those of the global batch either way).
+      data_axis: the mesh axis the batch is split over. Inside the step a layer that uses this
+        axis name finds it bound, so a ``BatchNorm(axis_name=data_axis)`` (or a collective in
+        a custom layer) works with or without a mesh (its statistics are those of the global
+        batch either way). A model that never names the axis is traced without binding it
+        (binding it costs a ``vmap`` of the whole model, in tracing and in compiling).
       batch_norm: ``"global"`` (default): batch norm normalises with the statistics of the
         whole global batch, exactly as on one device. ``"per_device"``: Caffe's multi-GPU
         behaviour: the model runs on each device's slice of the batch on its own (a
@@ -719,8 +721,9 @@ def _to_host(dp, tree):
 
 def _train_forward(model, axis, slices):
     """``forward(params, state, key, x) -> (outputs, new_state)`` in training mode, with the
-    mesh axis ``axis`` bound (a ``vmap`` over ``slices`` slices of the batch: one slice, the
-    whole batch, is the plain forward pass; ``slices`` > 1 is Caffe's per-device batch norm)."""
+    mesh axis ``axis`` bound when the model uses it (a ``vmap`` over ``slices`` slices of the
+    batch: one slice, the whole batch, is the plain forward pass; ``slices`` > 1 is Caffe's
+    per-device batch norm)."""
 
     def forward(params, state, key, x):
         def run(xs, k):

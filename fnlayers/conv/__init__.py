@@ -21,7 +21,8 @@ of a low-precision convolution raises). ``impl="xla"`` computes the same convolu
 Modules: :mod:`~fnlayers.conv.ops` (the public ops), :mod:`~fnlayers.conv.shapes` (Caffe's shape
 rules), :mod:`~fnlayers.conv.primitives` (``im2col_p``, ``col2im_p``: their column builds and
 rules), :mod:`~fnlayers.conv.blocking` (:func:`~fnlayers.conv.blocking.plan_blocks`, the CPU
-blocking).
+blocking), :mod:`~fnlayers.conv.folding` (a strided layer of few channels as a stride-1
+convolution of the image cut into stride tiles).
 """
 
 from __future__ import annotations

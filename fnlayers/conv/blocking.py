@@ -40,9 +40,10 @@ _TILE_ABOVE_BYTES = 16 << 20
 _TWO_STAGE_MIN_TAPS = 16
 _TWO_STAGE_MAX_PIECE_BYTES = 64
 # Stride folding (fnlayers.conv.folding) adds products by zero taps: at most this factor.
-# AlexNet's conv1 (144/121 = 1.19) folded ran faster forward+backward and compiled in about
-# 2/3 of the time; the ResNet/GoogLeNet conv1, 7x7/2 on 3 channels (64/49 = 1.31, and its
-# 12-channel pieces still two-stage), ran 1.6x slower folded.
+# AlexNet's conv1 (144/121 = 1.19) folded ran forward+backward in about the same time (within
+# 10% either way between runs) and compiled in less than half the time; the ResNet/GoogLeNet
+# conv1, 7x7/2 on 3 channels (64/49 = 1.31, its 12-channel pieces still two-stage), ran 1.6x
+# slower folded.
 _FOLD_MAX_WORK = 1.25
 
 
