@@ -21,10 +21,6 @@ import pytest
 import fnlayers as fl
 from fnlayers import data, losses, models, optim, train
 
-# The four-device worker runs once per module (a fixture, about 100 s): one
-# pytest-xdist worker takes the whole module (`pytest -n 2 --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_distributed")
-
 WORKER = os.path.join(os.path.dirname(__file__), "_dp_worker.py")
 # Survivors of a dead peer are stopped by JAX's coordination service within about the
 # heartbeat timeout the worker passes to jax.distributed.initialize (5 s); the bound leaves

@@ -18,10 +18,6 @@ from pathlib import Path
 
 import pytest
 
-# Every example is started once per module (the fixture below): one pytest-xdist
-# worker takes the whole module (`pytest -n 2 --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_examples")
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
 

@@ -17,10 +17,6 @@ from pathlib import Path
 import _transforms_worker as worker
 import pytest
 
-# The transform workers run once per module (the fixture below, about 100 s): one
-# pytest-xdist worker takes the whole module (`pytest -n 2 --dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("test_transforms")
-
 HERE = Path(__file__).resolve().parent
 WORKERS = 2
 TIMEOUT_S = 600
