@@ -31,9 +31,8 @@ def folded_shapes(
     output rows read."""
     n, h, w, c = x_shape
     oh, ow = conv_output_size((h, w), kernel, stride, padding, fn="conv2d")
-    (kh, kw), (sh, sw) = kernel, stride
-    qh, qw = -(-kh // sh), -(-kw // sw)
-    return (n, oh - 1 + qh, ow - 1 + qw, sh * sw * c), (qh, qw)
+    qh, qw = _tiles(kernel, stride)
+    return (n, oh - 1 + qh, ow - 1 + qw, stride[0] * stride[1] * c), (qh, qw)
 
 
 def fold_input(x: Array, kernel: IntPair, stride: IntPair, padding: IntPair) -> Array:
@@ -53,9 +52,13 @@ def fold_weight(w: Array, stride: IntPair) -> Array:
     """``(KH, KW, C, C_out) -> (QH, QW, sh*sw*C, C_out)``: the taps zero-padded to whole tiles
     and folded in :func:`fold_input`'s channel order."""
     kh, kw, c, c_out = w.shape
-    sh, sw = stride
-    qh, qw = -(-kh // sh), -(-kw // sw)
+    (sh, sw), (qh, qw) = stride, _tiles((kh, kw), stride)
     zero = lax.full((), 0, w.dtype)
     wp = lax.pad(w, zero, ((0, qh * sh - kh, 0), (0, qw * sw - kw, 0), (0, 0, 0), (0, 0, 0)))
     tiles = wp.reshape(qh, sh, qw, sw, c, c_out).transpose(0, 2, 1, 3, 4, 5)
     return tiles.reshape(qh, qw, sh * sw * c, c_out)
+
+
+def _tiles(kernel, stride):
+    """``(QH, QW)``: the tiles a window spans, ``ceil(K / s)`` per axis."""
+    return -(-kernel[0] // stride[0]), -(-kernel[1] // stride[1])

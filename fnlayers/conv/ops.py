@@ -289,7 +289,8 @@ def _conv_blocks(x, w, *, stride, padding, dilation, groups, tile=None):
     geometry = dict(kernel=w.shape[:2], stride=stride, dilation=dilation, groups=groups)
     plan = plan_blocks(x.shape, padding=padding, dtype=x.dtype, tile=tile, **geometry)
     # The weight matrix is formed once, outside the loop, so the loop accumulates its gradient in
-    # the product's own layout and the transpose back to HWIO happens once.
+    # the product's own layout, and any transpose back to HWIO (groups, low precision) happens
+    # once.
     wm = _weight_matrix(w, groups)
     if not plan.tiled:
         # Untiled, the backward's col2im is isolated from its consumers (see the col2im notes in
