@@ -75,19 +75,18 @@ def test_every_product_of_a_bfloat16_lenet_step_is_bfloat16_with_float32_accumul
     assert set(dots) == {("bf16", "bf16", "f32")}, dots
 
 
+# The ops whose products go through fnlayers._products.dot, with small operand shapes.
+PRODUCT_OPS = [
+    (lambda x, w, b: fl.conv2d(x, w, b, stride=2, padding=1), [(2, 7, 7, 3), (3, 3, 3, 4), (4,)]),
+    (lambda x, w: fl.conv2d(x, w, padding=1, groups=2), [(2, 5, 5, 4), (3, 3, 2, 6)]),
+    (lambda x, w: fl.conv_transpose2d(x, w, stride=2, groups=2), [(2, 4, 4, 4), (3, 3, 3, 4)]),
+    (fl.dense, [(3, 2, 5), (10, 4), (4,)]),
+]
+
+
 @pytest.mark.parametrize("dtype", [BF16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize(
-    "op, shapes",
-    [
-        (
-            lambda x, w, b: fl.conv2d(x, w, b, stride=2, padding=1),
-            [(2, 7, 7, 3), (3, 3, 3, 4), (4,)],
-        ),
-        (lambda x, w: fl.conv2d(x, w, padding=1, groups=2), [(2, 5, 5, 4), (3, 3, 2, 6)]),
-        (lambda x, w: fl.conv_transpose2d(x, w, stride=2, groups=2), [(2, 4, 4, 4), (3, 3, 3, 4)]),
-        (fl.dense, [(3, 2, 5), (10, 4), (4,)]),
-    ],
-    ids=["conv2d", "conv2d_grouped", "conv_transpose2d", "dense"],
+    "op, shapes", PRODUCT_OPS, ids=["conv2d", "conv2d_grouped", "conv_transpose2d", "dense"]
 )
 def test_every_product_of_a_low_precision_gradient_is_low_precision(rng, op, shapes, dtype):
     name = {BF16: "bf16", jnp.float16: "f16"}[dtype]
@@ -230,17 +229,7 @@ def _plain_dot(a, b, dimension_numbers, out_dtype=None):
 
 
 @pytest.mark.parametrize(
-    "op, shapes",
-    [
-        (
-            lambda x, w, b: fl.conv2d(x, w, b, stride=2, padding=1),
-            [(2, 7, 7, 3), (3, 3, 3, 4), (4,)],
-        ),
-        (lambda x, w: fl.conv2d(x, w, padding=1, groups=2), [(2, 5, 5, 4), (3, 3, 2, 6)]),
-        (lambda x, w: fl.conv_transpose2d(x, w, stride=2, groups=2), [(2, 4, 4, 4), (3, 3, 3, 4)]),
-        (fl.dense, [(3, 2, 5), (10, 4), (4,)]),
-    ],
-    ids=["conv2d", "conv2d_grouped", "conv_transpose2d", "dense"],
+    "op, shapes", PRODUCT_OPS, ids=["conv2d", "conv2d_grouped", "conv_transpose2d", "dense"]
 )
 def test_float32_programs_are_the_plain_products(rng, monkeypatch, op, shapes):
     args = [_normal(rng, *s) for s in shapes]
